@@ -1,0 +1,182 @@
+/*
+ * host.h - the host side of rpcplugin: manifests, the runtime that owns the
+ * completion queue and method routes, and the module loader.
+ *
+ * A host that wants go-plugin's services does, on one control thread:
+ *
+ *   grpc_init();
+ *   grpc_server *server = grpc_server_create(NULL, NULL);
+ *   grpc_server_add_http2_port(server, "unix:/path", creds);
+ *   rpcplugin_runtime_create(&opts, &rt, &err);      // registers the cq
+ *   rpcplugin_manifest_load("default.json", &m, &err);
+ *   rpcplugin_module_load(rt, m, NULL, &mod, &err);  // init + register
+ *   grpc_server_start(server);
+ *   rpcplugin_runtime_start(rt, &err);                // pollers + start
+ *   ... rpcplugin_module_put_line(mod, RPCPLUGIN_STDOUT, "hi\n", 3) ...
+ *   ... opts.on_shutdown fires (client called Shutdown) or a signal ...
+ *   rpcplugin_runtime_shutdown(rt);   // stop accepting, flush, stop modules
+ *   ... join the host threads that call put_line (they now get
+ *       RPCPLUGIN_ESHUTDOWN instead of waiting) ...
+ *   rpcplugin_runtime_destroy(rt);    // destroy and dlclose the modules
+ *   grpc_server_destroy(server);
+ *   rpcplugin_manifest_free(m);
+ *   grpc_shutdown();
+ *
+ * The runtime answers UNIMPLEMENTED for every method no module (and no
+ * host handler added with rpcplugin_runtime_add_method) serves: gRPC's C
+ * core does not do that by itself.  It therefore owns the server's
+ * "unregistered call" requests; a host must not call
+ * grpc_server_request_call itself.
+ *
+ * Errors: functions return 0 or a negative RPCPLUGIN_E* code and, when the
+ * caller passes an rpcplugin_error, a sentence that names the file, field
+ * or symbol that failed.
+ */
+#ifndef RPCPLUGIN_HOST_H
+#define RPCPLUGIN_HOST_H
+
+#include <rpcplugin/rpcplugin.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------- errors */
+
+typedef struct rpcplugin_error {
+  int code;
+  char message[1024];
+} rpcplugin_error;
+
+/* Static description / symbolic name ("RPCPLUGIN_EABI") of a code. */
+const char *rpcplugin_strerror(int code);
+const char *rpcplugin_err_name(int code);
+
+/* -------------------------------------------------------------- manifest */
+
+typedef struct rpcplugin_manifest rpcplugin_manifest;
+
+/* Service bits, in manifest order of the SPEC. */
+enum rpcplugin_service {
+  RPCPLUGIN_SVC_BROKER = 1 << 0,     /* plugin.GRPCBroker */
+  RPCPLUGIN_SVC_STDIO = 1 << 1,      /* plugin.GRPCStdio */
+  RPCPLUGIN_SVC_CONTROLLER = 1 << 2, /* plugin.GRPCController */
+  RPCPLUGIN_SVC_HEALTH = 1 << 3      /* grpc.health.v1.Health */
+};
+
+/* Read and validate a manifest file.  Unknown keys and wrong types are
+ * errors naming the file, the field and what was expected. */
+int rpcplugin_manifest_load(const char *path, rpcplugin_manifest **out,
+                            rpcplugin_error *err);
+
+/* The same from memory; `origin` names the source in messages and its
+ * folder is the base for a relative "module" (NULL: current directory). */
+int rpcplugin_manifest_parse(const char *json, size_t len, const char *origin,
+                             rpcplugin_manifest **out, rpcplugin_error *err);
+
+void rpcplugin_manifest_free(rpcplugin_manifest *m);
+
+const char *rpcplugin_manifest_path(const rpcplugin_manifest *m);
+const char *rpcplugin_manifest_name(const rpcplugin_manifest *m);
+const char *rpcplugin_manifest_module(const rpcplugin_manifest *m);
+int rpcplugin_manifest_protocol_version(const rpcplugin_manifest *m);
+void rpcplugin_manifest_abi_version(const rpcplugin_manifest *m, int *major,
+                                    int *minor);
+/* Bitmask of enum rpcplugin_service. */
+unsigned rpcplugin_manifest_services(const rpcplugin_manifest *m);
+/* The "config" object as compact JSON ("{}" when absent). */
+const char *rpcplugin_manifest_config_json(const rpcplugin_manifest *m);
+
+/* --------------------------------------------------------------- runtime */
+
+typedef struct rpcplugin_runtime rpcplugin_runtime;
+
+typedef struct rpcplugin_runtime_options {
+  size_t struct_size;  /* sizeof(rpcplugin_runtime_options) */
+  grpc_server *server; /* not started yet; the host keeps ownership */
+  /* Called once, on a poller thread, when a client asked for shutdown.
+   * Take note and return; run rpcplugin_runtime_shutdown elsewhere. */
+  void (*on_shutdown)(void *user_data);
+  void *user_data;
+  /* Optional: log sink for runtime and modules (any thread). */
+  void (*log)(void *user_data, int level, const char *msg);
+  int log_level;         /* most verbose level passed on; default ERROR..INFO */
+  unsigned poll_threads; /* 0 means 1 */
+} rpcplugin_runtime_options;
+
+/* Before grpc_server_start: creates and registers the completion queue. */
+int rpcplugin_runtime_create(const rpcplugin_runtime_options *opts,
+                             rpcplugin_runtime **out, rpcplugin_error *err);
+
+/* After grpc_server_start: starts the pollers, requests calls, and calls
+ * start on every module loaded so far. */
+int rpcplugin_runtime_start(rpcplugin_runtime *rt, rpcplugin_error *err);
+
+/* Serve a method of the host's own (application services).  Same rules as
+ * rpcplugin_host_api.add_method. */
+int rpcplugin_runtime_add_method(rpcplugin_runtime *rt, const char *path,
+                                 int kind, rpcplugin_call_handler handler,
+                                 void *handler_ctx, rpcplugin_error *err);
+
+/* The completion queue the runtime polls; tags must begin with an
+ * rpcplugin_tag. */
+grpc_completion_queue *rpcplugin_runtime_cq(rpcplugin_runtime *rt);
+
+/* The graceful path, idempotent, from a control thread: stop accepting
+ * (grpc_server_shutdown_and_notify), shut every module down (stdio streams
+ * flush first, blocked put_line calls return RPCPLUGIN_ESHUTDOWN), cancel
+ * what is left, drain the queue and join the pollers.  Modules stay loaded,
+ * answering every entry with RPCPLUGIN_ESHUTDOWN, until
+ * rpcplugin_runtime_destroy.  Returns RPCPLUGIN_EWRONGTHREAD on a poller
+ * thread. */
+int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt);
+
+/* Shut down if needed, then destroy and dlclose every module and free the
+ * runtime.  Call it once no host thread uses a module any more.  The host
+ * then destroys its server. */
+void rpcplugin_runtime_destroy(rpcplugin_runtime *rt);
+
+/* ---------------------------------------------------------------- loader */
+
+typedef struct rpcplugin_module rpcplugin_module;
+
+typedef struct rpcplugin_load_options {
+  size_t struct_size; /* sizeof(rpcplugin_load_options) */
+  /* Folders searched for a "module" without a slash, after the manifest's
+   * own folder and before $RPCPLUGIN_MODULE_PATH and the install folder.
+   * NULL-terminated; may be NULL. */
+  const char *const *search_path;
+} rpcplugin_load_options;
+
+/*
+ * Resolve the manifest's module file, dlopen it, check its ABI header
+ * (magic, major, build tag, size) before calling anything, then init it with
+ * the manifest's config and register the manifest's services.  When the
+ * runtime already started, the module is started too.  opts may be NULL.
+ */
+int rpcplugin_module_load(rpcplugin_runtime *rt, const rpcplugin_manifest *m,
+                          const rpcplugin_load_options *opts,
+                          rpcplugin_module **out, rpcplugin_error *err);
+
+/* Unroute, shut down, destroy, dlclose.  Control thread; no other host
+ * thread may be inside an entry of this module. */
+int rpcplugin_module_unload(rpcplugin_module *mod);
+
+/* The module's vtable (checked), and its instance pointer. */
+const rpcplugin_module_api *rpcplugin_module_api_of(
+    const rpcplugin_module *mod);
+void *rpcplugin_module_instance(const rpcplugin_module *mod);
+/* Resolved path of the loaded file. */
+const char *rpcplugin_module_path(const rpcplugin_module *mod);
+
+/* Convenience wrappers; RPCPLUGIN_EUNSUPPORTED when the module lacks the
+ * entry. */
+int rpcplugin_module_put_line(rpcplugin_module *mod, int channel,
+                              const void *data, size_t len);
+int rpcplugin_module_get_stats(rpcplugin_module *mod, rpcplugin_stats *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* RPCPLUGIN_HOST_H */

@@ -1,0 +1,44 @@
+/*
+ * internal.h - shared between the files of the host library; not
+ * installed.
+ */
+#ifndef RPCPLUGIN_HOST_INTERNAL_H
+#define RPCPLUGIN_HOST_INTERNAL_H
+
+#include <rpcplugin/host.h>
+
+#define RP_PRINTF(f, a) __attribute__((format(printf, f, a)))
+
+/* Set err (may be NULL) and return code. */
+int rp_error(rpcplugin_error *err, int code, const char *fmt, ...)
+    RP_PRINTF(3, 4);
+void rp_error_clear(rpcplugin_error *err);
+
+/* Manifest internals. */
+const char *rp_manifest_dir(const rpcplugin_manifest *m);
+const char *rp_service_name(unsigned bit);
+
+/* Runtime <-> loader.  A binding is one module instance's view of the
+ * runtime: its host_ctx. */
+typedef struct rp_binding rp_binding;
+rp_binding *rp_runtime_bind(rpcplugin_runtime *rt, rpcplugin_module *mod);
+/* Remove every route of the binding and wait until no handler call into it
+ * is running. */
+void rp_runtime_unroute(rp_binding *b);
+void rp_runtime_unbind(rp_binding *b);
+void rp_runtime_fill_host_api(rp_binding *b, rpcplugin_host_api *api);
+int rp_runtime_started(const rpcplugin_runtime *rt);
+/* Loader's list of modules, kept by the runtime for shutdown. */
+void rp_runtime_add_module(rpcplugin_runtime *rt, rpcplugin_module *mod);
+void rp_runtime_remove_module(rpcplugin_runtime *rt, rpcplugin_module *mod);
+void rp_runtime_log(rpcplugin_runtime *rt, int level, const char *fmt, ...)
+    RP_PRINTF(3, 4);
+int rp_module_start(rpcplugin_module *mod);
+/* Unroute and shut down (idempotent); the module stays loaded. */
+int rp_module_shut(rpcplugin_module *mod);
+int rp_module_is_shut(const rpcplugin_module *mod);
+/* Shut down if needed, destroy, unbind, dlclose, free.  The runtime's
+ * module list is not touched. */
+void rp_module_free(rpcplugin_module *mod);
+
+#endif

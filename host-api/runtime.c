@@ -1,0 +1,678 @@
+/*
+ * runtime.c - the host side's part of the call engine: the completion queue,
+ * its pollers, method routes, and the answer UNIMPLEMENTED.
+ *
+ * Why here and not in the module: gRPC's C core fixes methods and
+ * completion queues at grpc_server_start, and a requested call can only be
+ * taken back by shutting the server down.  Keeping the queue, the
+ * registrations and the outstanding requests in the runtime lets a module
+ * instance come and go (a swap) on a live server: the runtime requests
+ * calls, and when one arrives it hands it to whichever instance routes the
+ * method now, or answers UNIMPLEMENTED.
+ *
+ * Every tag on the queue begins with an rpcplugin_tag; the pollers only
+ * call tag->on_done(tag, ok).  The runtime's own tags are the requests
+ * (rt_request), rejections (rt_reject) and the server-shutdown tag.
+ *
+ * Locking: rt->mu guards the method list, routes, in-flight handler counts,
+ * the module list and the state.  No gRPC call that could complete inline
+ * is made while it is held, and handlers run without it.
+ */
+#include "internal.h"
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+
+/* Outstanding requests per registered method and for unknown methods: a
+ * burst of new calls waits in the server until one is requested. */
+#define REQUESTS_PER_METHOD 16
+#define REQUESTS_GENERIC 4
+
+enum rt_state { RT_CREATED, RT_STARTED, RT_STOPPING, RT_STOPPED };
+
+typedef struct rt_method rt_method;
+struct rt_method {
+  char *path;
+  int kind;
+  void *reg; /* grpc_server_register_method handle */
+  /* Current route; NULL handler: answered UNIMPLEMENTED. */
+  rp_binding *owner; /* NULL for the host's own methods */
+  rpcplugin_call_handler handler;
+  void *handler_ctx;
+  rt_method *next;
+};
+
+typedef struct rt_request {
+  rpcplugin_tag tag;
+  rpcplugin_runtime *rt;
+  rt_method *m; /* NULL: generic request (unregistered methods) */
+  grpc_call *call;
+  gpr_timespec deadline;
+  grpc_metadata_array md;
+  grpc_byte_buffer *payload;
+  grpc_call_details details;
+} rt_request;
+
+typedef struct rt_reject {
+  rpcplugin_tag tag;
+  grpc_call *call;
+  grpc_slice details;
+  int cancelled;
+} rt_reject;
+
+struct rp_binding {
+  rpcplugin_runtime *rt;
+  rpcplugin_module *mod;
+  int inflight; /* handler calls running now */
+  rp_binding *next;
+};
+
+typedef struct rt_mod_node {
+  rpcplugin_module *mod;
+  struct rt_mod_node *next;
+} rt_mod_node;
+
+struct rpcplugin_runtime {
+  rpcplugin_runtime_options opts;
+  grpc_server *server;
+  grpc_completion_queue *cq;
+  pthread_t *pollers;
+  unsigned npollers;
+
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int state;
+  rt_method *methods;
+  rp_binding *bindings;
+  rt_mod_node *modules;
+  rt_request *requests;
+  size_t nrequests;
+  size_t outstanding; /* requests not yet returned */
+  int server_down;    /* shutdown tag came back */
+  rpcplugin_tag shutdown_tag;
+  atomic_int shutdown_requested;
+};
+
+/* The runtime whose poller runs on this thread (NULL elsewhere). */
+static __thread rpcplugin_runtime *tls_poller;
+
+void rp_runtime_log(rpcplugin_runtime *rt, int level, const char *fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  if (rt->opts.log == NULL || level > rt->opts.log_level) return;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  rt->opts.log(rt->opts.user_data, level, buf);
+}
+
+/* ------------------------------------------------------------- pollers */
+
+static void *poller_main(void *arg) {
+  rpcplugin_runtime *rt = arg;
+  tls_poller = rt;
+  for (;;) {
+    grpc_event ev = grpc_completion_queue_next(
+        rt->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+    if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
+    if (ev.type == GRPC_OP_COMPLETE) {
+      rpcplugin_tag *t = ev.tag;
+      t->on_done(t, ev.success);
+    }
+  }
+  tls_poller = NULL;
+  return NULL;
+}
+
+/* ------------------------------------------------------------ rejects */
+
+/* Finish `call` with `status` and release it; takes the call's reference. */
+static void reject_done(rpcplugin_tag *t, int ok) {
+  rt_reject *r = (rt_reject *)t;
+  (void)ok;
+  grpc_slice_unref(r->details);
+  grpc_call_unref(r->call);
+  free(r);
+}
+
+static void reject_call(rpcplugin_runtime *rt, grpc_call *call,
+                        grpc_status_code status, const char *text) {
+  grpc_op ops[3];
+  rt_reject *r = calloc(1, sizeof *r);
+  grpc_call_error e;
+  if (r == NULL) {
+    grpc_call_cancel_with_status(call, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                                 "out of memory", NULL);
+    grpc_call_unref(call);
+    return;
+  }
+  r->tag.on_done = reject_done;
+  r->call = call;
+  r->details = grpc_slice_from_copied_string(text);
+  memset(ops, 0, sizeof ops);
+  ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+  ops[1].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+  ops[1].data.send_status_from_server.status = status;
+  ops[1].data.send_status_from_server.status_details = &r->details;
+  ops[2].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+  ops[2].data.recv_close_on_server.cancelled = &r->cancelled;
+  e = grpc_call_start_batch(call, ops, 3, &r->tag, NULL);
+  if (e != GRPC_CALL_OK) {
+    rp_runtime_log(rt, RPCPLUGIN_LOG_ERROR, "rpcplugin: cannot reject call: %s",
+                   grpc_call_error_to_string(e));
+    reject_done(&r->tag, 0);
+  }
+}
+
+/* ----------------------------------------------------------- requests */
+
+static void request_done(rpcplugin_tag *t, int ok);
+
+static void issue_request(rt_request *r) {
+  rpcplugin_runtime *rt = r->rt;
+  grpc_call_error e;
+  if (r->m)
+    e = grpc_server_request_registered_call(
+        rt->server, r->m->reg, &r->call, &r->deadline, &r->md,
+        (r->m->kind == RPCPLUGIN_UNARY ||
+         r->m->kind == RPCPLUGIN_SERVER_STREAMING)
+            ? &r->payload
+            : NULL,
+        rt->cq, rt->cq, &r->tag);
+  else
+    e = grpc_server_request_call(rt->server, &r->call, &r->details, &r->md,
+                                 rt->cq, rt->cq, &r->tag);
+  if (e != GRPC_CALL_OK) {
+    rp_runtime_log(rt, RPCPLUGIN_LOG_ERROR,
+                   "rpcplugin: cannot request calls for %s: %s",
+                   r->m ? r->m->path : "unknown methods",
+                   grpc_call_error_to_string(e));
+    pthread_mutex_lock(&rt->mu);
+    rt->outstanding--;
+    pthread_cond_broadcast(&rt->cv);
+    pthread_mutex_unlock(&rt->mu);
+  }
+}
+
+static void request_done(rpcplugin_tag *t, int ok) {
+  rt_request *r = (rt_request *)t;
+  rpcplugin_runtime *rt = r->rt;
+  grpc_call *call = r->call;
+  grpc_byte_buffer *payload = r->payload;
+  gpr_timespec deadline = r->deadline;
+  char *unknown = NULL;
+  int again;
+
+  r->call = NULL;
+  r->payload = NULL;
+  grpc_metadata_array_destroy(&r->md);
+  grpc_metadata_array_init(&r->md);
+  if (r->m == NULL) {
+    if (ok) unknown = grpc_slice_to_c_string(r->details.method);
+    grpc_call_details_destroy(&r->details);
+    grpc_call_details_init(&r->details);
+  }
+
+  pthread_mutex_lock(&rt->mu);
+  again = ok && rt->state == RT_STARTED;
+  if (!again) {
+    rt->outstanding--;
+    pthread_cond_broadcast(&rt->cv);
+  }
+  pthread_mutex_unlock(&rt->mu);
+  /* Ask for the next call before serving this one.  If the server shuts
+   * down meanwhile, the request fails back to us with ok = 0. */
+  if (again) issue_request(r);
+  if (!ok) return;
+
+  if (r->m == NULL) {
+    char text[512];
+    snprintf(text, sizeof text, "Method not found: %s",
+             unknown ? unknown : "?");
+    gpr_free(unknown);
+    reject_call(rt, call, GRPC_STATUS_UNIMPLEMENTED, text);
+    return;
+  } else {
+    rt_method *m = r->m;
+    rpcplugin_call_handler handler;
+    void *hctx;
+    rp_binding *owner;
+    pthread_mutex_lock(&rt->mu);
+    handler = m->handler;
+    hctx = m->handler_ctx;
+    owner = m->owner;
+    if (owner) owner->inflight++;
+    pthread_mutex_unlock(&rt->mu);
+    if (handler == NULL) {
+      char text[512];
+      if (payload) grpc_byte_buffer_destroy(payload);
+      snprintf(text, sizeof text, "Method not found: %s", m->path);
+      reject_call(rt, call, GRPC_STATUS_UNIMPLEMENTED, text);
+      return;
+    }
+    handler(hctx, call, payload, deadline);
+    if (owner) {
+      pthread_mutex_lock(&rt->mu);
+      if (--owner->inflight == 0) pthread_cond_broadcast(&rt->cv);
+      pthread_mutex_unlock(&rt->mu);
+    }
+  }
+}
+
+static void shutdown_tag_done(rpcplugin_tag *t, int ok) {
+  rpcplugin_runtime *rt =
+      (rpcplugin_runtime *)((char *)t - offsetof(rpcplugin_runtime,
+                                                 shutdown_tag));
+  (void)ok;
+  pthread_mutex_lock(&rt->mu);
+  rt->server_down = 1;
+  pthread_cond_broadcast(&rt->cv);
+  pthread_mutex_unlock(&rt->mu);
+}
+
+/* ------------------------------------------------------------- routes */
+
+static rt_method *find_method(rpcplugin_runtime *rt, const char *path) {
+  rt_method *m;
+  for (m = rt->methods; m; m = m->next)
+    if (strcmp(m->path, path) == 0) return m;
+  return NULL;
+}
+
+static int add_route(rpcplugin_runtime *rt, rp_binding *owner,
+                     const char *path, int kind,
+                     rpcplugin_call_handler handler, void *hctx,
+                     rpcplugin_error *err) {
+  rt_method *m;
+  int rc = 0;
+  if (path == NULL || path[0] != '/' || handler == NULL || kind < 0 ||
+      kind > RPCPLUGIN_BIDI_STREAMING)
+    return rp_error(err, RPCPLUGIN_EINVAL,
+                    "add_method: need a path starting with '/', a handler "
+                    "and a kind from 0 to 3");
+  pthread_mutex_lock(&rt->mu);
+  m = find_method(rt, path);
+  if (m) {
+    if (m->handler)
+      rc = rp_error(err, RPCPLUGIN_EEXIST,
+                    "method %s is already served by another instance", path);
+    else if (m->kind != kind)
+      rc = rp_error(err, RPCPLUGIN_EINVAL,
+                    "method %s was registered with kind %d, not %d", path,
+                    m->kind, kind);
+  } else if (rt->state != RT_CREATED) {
+    rc = rp_error(err, RPCPLUGIN_ESTATE,
+                  "cannot add method %s: the server already started and "
+                  "gRPC's C core fixes methods at grpc_server_start",
+                  path);
+  } else {
+    void *reg = grpc_server_register_method(
+        rt->server, path, NULL,
+        (kind == RPCPLUGIN_UNARY || kind == RPCPLUGIN_SERVER_STREAMING)
+            ? GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER
+            : GRPC_SRM_PAYLOAD_NONE,
+        0);
+    if (reg == NULL) {
+      rc = rp_error(err, RPCPLUGIN_EEXIST,
+                    "method %s is already registered on this server", path);
+    } else {
+      m = calloc(1, sizeof *m);
+      if (m) m->path = strdup(path);
+      if (m == NULL || m->path == NULL) {
+        if (m) free(m);
+        m = NULL;
+        rc = rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
+      } else {
+        m->kind = kind;
+        m->reg = reg;
+        m->next = rt->methods;
+        rt->methods = m;
+      }
+    }
+  }
+  if (rc == 0 && m) {
+    m->owner = owner;
+    m->handler = handler;
+    m->handler_ctx = hctx;
+  }
+  pthread_mutex_unlock(&rt->mu);
+  return rc;
+}
+
+int rpcplugin_runtime_add_method(rpcplugin_runtime *rt, const char *path,
+                                 int kind, rpcplugin_call_handler handler,
+                                 void *handler_ctx, rpcplugin_error *err) {
+  rp_error_clear(err);
+  if (rt == NULL) return rp_error(err, RPCPLUGIN_EINVAL, "runtime is NULL");
+  return add_route(rt, NULL, path, kind, handler, handler_ctx, err);
+}
+
+/* ----------------------------------------------- host API for modules */
+
+static int host_add_method(void *host_ctx, const char *path, int kind,
+                           rpcplugin_call_handler handler, void *hctx,
+                           char *errbuf, size_t errlen) {
+  rp_binding *b = host_ctx;
+  rpcplugin_error err;
+  int rc = add_route(b->rt, b, path, kind, handler, hctx, &err);
+  if (rc && errbuf && errlen) snprintf(errbuf, errlen, "%s", err.message);
+  return rc;
+}
+
+static void host_request_shutdown(void *host_ctx) {
+  rp_binding *b = host_ctx;
+  rpcplugin_runtime *rt = b->rt;
+  if (atomic_exchange(&rt->shutdown_requested, 1) == 0 &&
+      rt->opts.on_shutdown)
+    rt->opts.on_shutdown(rt->opts.user_data);
+}
+
+static void host_log(void *host_ctx, int level, const char *msg) {
+  rp_binding *b = host_ctx;
+  rp_runtime_log(b->rt, level, "%s", msg);
+}
+
+static int host_on_poller_thread(void *host_ctx) {
+  (void)host_ctx;
+  return tls_poller != NULL;
+}
+
+rp_binding *rp_runtime_bind(rpcplugin_runtime *rt, rpcplugin_module *mod) {
+  rp_binding *b = calloc(1, sizeof *b);
+  if (b == NULL) return NULL;
+  b->rt = rt;
+  b->mod = mod;
+  pthread_mutex_lock(&rt->mu);
+  b->next = rt->bindings;
+  rt->bindings = b;
+  pthread_mutex_unlock(&rt->mu);
+  return b;
+}
+
+void rp_runtime_fill_host_api(rp_binding *b, rpcplugin_host_api *api) {
+  memset(api, 0, sizeof *api);
+  api->abi_major = RPCPLUGIN_ABI_MAJOR;
+  api->abi_minor = RPCPLUGIN_ABI_MINOR;
+  api->struct_size = sizeof *api;
+  api->host_ctx = b;
+  api->server = b->rt->server;
+  api->cq = b->rt->cq;
+  api->add_method = host_add_method;
+  api->request_shutdown = host_request_shutdown;
+  api->log = host_log;
+  api->on_poller_thread = host_on_poller_thread;
+}
+
+void rp_runtime_unroute(rp_binding *b) {
+  rpcplugin_runtime *rt = b->rt;
+  rt_method *m;
+  pthread_mutex_lock(&rt->mu);
+  for (m = rt->methods; m; m = m->next)
+    if (m->owner == b) {
+      m->owner = NULL;
+      m->handler = NULL;
+      m->handler_ctx = NULL;
+    }
+  while (b->inflight > 0) pthread_cond_wait(&rt->cv, &rt->mu);
+  pthread_mutex_unlock(&rt->mu);
+}
+
+void rp_runtime_unbind(rp_binding *b) {
+  rpcplugin_runtime *rt = b->rt;
+  rp_binding **pp;
+  rp_runtime_unroute(b);
+  pthread_mutex_lock(&rt->mu);
+  for (pp = &rt->bindings; *pp; pp = &(*pp)->next)
+    if (*pp == b) {
+      *pp = b->next;
+      break;
+    }
+  pthread_mutex_unlock(&rt->mu);
+  free(b);
+}
+
+int rp_runtime_started(const rpcplugin_runtime *rt) {
+  return rt->state == RT_STARTED;
+}
+
+void rp_runtime_add_module(rpcplugin_runtime *rt, rpcplugin_module *mod) {
+  rt_mod_node *n = malloc(sizeof *n);
+  if (n == NULL) return; /* the module is then unloaded only explicitly */
+  n->mod = mod;
+  pthread_mutex_lock(&rt->mu);
+  n->next = rt->modules;
+  rt->modules = n;
+  pthread_mutex_unlock(&rt->mu);
+}
+
+void rp_runtime_remove_module(rpcplugin_runtime *rt, rpcplugin_module *mod) {
+  rt_mod_node **pp;
+  pthread_mutex_lock(&rt->mu);
+  for (pp = &rt->modules; *pp; pp = &(*pp)->next)
+    if ((*pp)->mod == mod) {
+      rt_mod_node *n = *pp;
+      *pp = n->next;
+      free(n);
+      break;
+    }
+  pthread_mutex_unlock(&rt->mu);
+}
+
+/* ---------------------------------------------------------- lifecycle */
+
+int rpcplugin_runtime_create(const rpcplugin_runtime_options *opts,
+                             rpcplugin_runtime **out, rpcplugin_error *err) {
+  rpcplugin_runtime *rt;
+  size_t n;
+  rp_error_clear(err);
+  if (out == NULL || opts == NULL || opts->server == NULL)
+    return rp_error(err, RPCPLUGIN_EINVAL,
+                    "rpcplugin_runtime_create: options with a server needed");
+  *out = NULL;
+  rt = calloc(1, sizeof *rt);
+  if (rt == NULL) return rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
+  n = opts->struct_size < sizeof rt->opts ? opts->struct_size
+                                          : sizeof rt->opts;
+  memcpy(&rt->opts, opts, n);
+  rt->opts.struct_size = sizeof rt->opts;
+  if (n < offsetof(rpcplugin_runtime_options, log_level) + sizeof(int))
+    rt->opts.log_level = RPCPLUGIN_LOG_INFO;
+  if (rt->opts.poll_threads == 0) rt->opts.poll_threads = 1;
+  if (rt->opts.poll_threads > 64) rt->opts.poll_threads = 64;
+  rt->server = opts->server;
+  pthread_mutex_init(&rt->mu, NULL);
+  pthread_cond_init(&rt->cv, NULL);
+  rt->shutdown_tag.on_done = shutdown_tag_done;
+  grpc_init();
+  rt->cq = grpc_completion_queue_create_for_next(NULL);
+  grpc_server_register_completion_queue(rt->server, rt->cq, NULL);
+  rt->state = RT_CREATED;
+  *out = rt;
+  return 0;
+}
+
+grpc_completion_queue *rpcplugin_runtime_cq(rpcplugin_runtime *rt) {
+  return rt->cq;
+}
+
+int rpcplugin_runtime_start(rpcplugin_runtime *rt, rpcplugin_error *err) {
+  rt_method *m;
+  size_t n = REQUESTS_GENERIC, i = 0, j;
+  unsigned p;
+  rt_mod_node *node;
+
+  rp_error_clear(err);
+  pthread_mutex_lock(&rt->mu);
+  if (rt->state != RT_CREATED) {
+    pthread_mutex_unlock(&rt->mu);
+    return rp_error(err, RPCPLUGIN_ESTATE, "runtime already started");
+  }
+  for (m = rt->methods; m; m = m->next) n += REQUESTS_PER_METHOD;
+  rt->requests = calloc(n, sizeof *rt->requests);
+  rt->pollers = calloc(rt->opts.poll_threads, sizeof *rt->pollers);
+  if (rt->requests == NULL || rt->pollers == NULL) {
+    pthread_mutex_unlock(&rt->mu);
+    return rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
+  }
+  for (m = rt->methods; m; m = m->next)
+    for (j = 0; j < REQUESTS_PER_METHOD; j++) rt->requests[i++].m = m;
+  for (; i < n; i++) rt->requests[i].m = NULL;
+  rt->nrequests = n;
+  rt->outstanding = n;
+  rt->state = RT_STARTED;
+  pthread_mutex_unlock(&rt->mu);
+
+  for (i = 0; i < n; i++) {
+    rt_request *r = &rt->requests[i];
+    r->tag.on_done = request_done;
+    r->rt = rt;
+    grpc_metadata_array_init(&r->md);
+    grpc_call_details_init(&r->details);
+  }
+  for (p = 0; p < rt->opts.poll_threads; p++) {
+    if (pthread_create(&rt->pollers[p], NULL, poller_main, rt) != 0) break;
+    rt->npollers++;
+  }
+  if (rt->npollers == 0) {
+    /* Nothing polls the queue: undo, so that shutdown does not wait. */
+    pthread_mutex_lock(&rt->mu);
+    rt->state = RT_CREATED;
+    rt->outstanding = 0;
+    pthread_mutex_unlock(&rt->mu);
+    return rp_error(err, RPCPLUGIN_ENOMEM, "cannot start a poller thread");
+  }
+  for (i = 0; i < n; i++) issue_request(&rt->requests[i]);
+
+  /* Start the modules loaded before the server started (outside the lock:
+   * start may take the module's own locks). */
+  {
+    size_t count = 0, k;
+    rpcplugin_module **mods;
+    pthread_mutex_lock(&rt->mu);
+    for (node = rt->modules; node; node = node->next) count++;
+    mods = calloc(count ? count : 1, sizeof *mods);
+    for (k = 0, node = rt->modules; mods && node; node = node->next)
+      mods[k++] = node->mod;
+    pthread_mutex_unlock(&rt->mu);
+    if (mods == NULL) return rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
+    for (k = 0; k < count; k++) rp_module_start(mods[k]);
+    free(mods);
+  }
+  return 0;
+}
+
+int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
+  int was_started;
+  unsigned p;
+  if (rt == NULL) return RPCPLUGIN_EINVAL;
+  if (tls_poller != NULL) return RPCPLUGIN_EWRONGTHREAD;
+
+  pthread_mutex_lock(&rt->mu);
+  if (rt->state == RT_STOPPING || rt->state == RT_STOPPED) {
+    while (rt->state != RT_STOPPED) pthread_cond_wait(&rt->cv, &rt->mu);
+    pthread_mutex_unlock(&rt->mu);
+    return 0;
+  }
+  was_started = rt->state == RT_STARTED;
+  rt->state = RT_STOPPING;
+  pthread_mutex_unlock(&rt->mu);
+
+  /* 1. Stop accepting: no new calls; calls in progress go on. */
+  if (was_started)
+    grpc_server_shutdown_and_notify(rt->server, rt->cq, &rt->shutdown_tag);
+
+  /* 2. Modules: streams flush and finish, everything else is cancelled.
+   * They stay loaded (put_line now answers RPCPLUGIN_ESHUTDOWN) until
+   * rpcplugin_runtime_destroy, so host threads still inside put_line wake
+   * up safely. */
+  {
+    rt_mod_node *n;
+    for (;;) {
+      rpcplugin_module *mod = NULL;
+      pthread_mutex_lock(&rt->mu);
+      for (n = rt->modules; n; n = n->next)
+        if (!rp_module_is_shut(n->mod)) {
+          mod = n->mod;
+          break;
+        }
+      pthread_mutex_unlock(&rt->mu);
+      if (mod == NULL) break;
+      rp_module_shut(mod);
+    }
+  }
+
+  /* 3. Whatever is left (the host's own calls, rejections). */
+  if (was_started) {
+    grpc_server_cancel_all_calls(rt->server);
+    pthread_mutex_lock(&rt->mu);
+    while (!rt->server_down || rt->outstanding > 0)
+      pthread_cond_wait(&rt->cv, &rt->mu);
+    pthread_mutex_unlock(&rt->mu);
+  }
+
+  /* 4. Drain the queue to GRPC_QUEUE_SHUTDOWN and join the pollers. */
+  grpc_completion_queue_shutdown(rt->cq);
+  if (rt->npollers) {
+    for (p = 0; p < rt->npollers; p++) pthread_join(rt->pollers[p], NULL);
+  } else {
+    for (;;) {
+      grpc_event ev = grpc_completion_queue_next(
+          rt->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+      if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
+      if (ev.type == GRPC_OP_COMPLETE) {
+        rpcplugin_tag *t = ev.tag;
+        t->on_done(t, ev.success);
+      }
+    }
+  }
+
+  pthread_mutex_lock(&rt->mu);
+  rt->state = RT_STOPPED;
+  pthread_cond_broadcast(&rt->cv);
+  pthread_mutex_unlock(&rt->mu);
+  return 0;
+}
+
+void rpcplugin_runtime_destroy(rpcplugin_runtime *rt) {
+  rt_method *m;
+  size_t i;
+  if (rt == NULL) return;
+  rpcplugin_runtime_shutdown(rt);
+  for (;;) {
+    rpcplugin_module *mod = NULL;
+    pthread_mutex_lock(&rt->mu);
+    if (rt->modules) {
+      rt_mod_node *n = rt->modules;
+      mod = n->mod;
+      rt->modules = n->next;
+      free(n);
+    }
+    pthread_mutex_unlock(&rt->mu);
+    if (mod == NULL) break;
+    rp_module_free(mod);
+  }
+  while (rt->bindings) rp_runtime_unbind(rt->bindings);
+  for (i = 0; i < rt->nrequests; i++) {
+    grpc_metadata_array_destroy(&rt->requests[i].md);
+    grpc_call_details_destroy(&rt->requests[i].details);
+  }
+  free(rt->requests);
+  free(rt->pollers);
+  while ((m = rt->methods) != NULL) {
+    rt->methods = m->next;
+    free(m->path);
+    free(m);
+  }
+  grpc_completion_queue_destroy(rt->cq);
+  pthread_cond_destroy(&rt->cv);
+  pthread_mutex_destroy(&rt->mu);
+  free(rt);
+  grpc_shutdown();
+}

@@ -1,0 +1,259 @@
+/*
+ * engine.c - see engine.h.
+ *
+ * Every batch goes through start_op(), which takes a reference for the op
+ * and marks its slot busy; op_done() (called by the host's poller with the
+ * op's tag) clears the slot, runs the service's callback and drops the
+ * reference.  So a call is freed exactly when no batch is in flight and
+ * the service let go of it, and every tag comes back exactly once.
+ */
+#include "engine.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static void op_done(rpcplugin_tag *tag, int ok) {
+  rp_op *op = (rp_op *)tag;
+  rp_call *c = op->call;
+  rp_call_cb cb = op->cb;
+  atomic_store(&op->busy, 0);
+  if (cb) cb(c, ok);
+  rp_call_unref(c);
+}
+
+static int start_op(rp_call *c, rp_op *op, const grpc_op *ops, size_t n,
+                    rp_call_cb cb) {
+  grpc_call_error e;
+  int expected = 0;
+  if (!atomic_compare_exchange_strong(&op->busy, &expected, 1))
+    return RPCPLUGIN_ESTATE;
+  op->cb = cb;
+  rp_call_ref(c);
+  e = grpc_call_start_batch(c->call, ops, n, &op->tag, NULL);
+  if (e != GRPC_CALL_OK) {
+    rp_log(c->inst, RPCPLUGIN_LOG_ERROR, "rpcplugin: start_batch: %s",
+           grpc_call_error_to_string(e));
+    atomic_store(&op->busy, 0);
+    rp_call_unref(c);
+    return RPCPLUGIN_EGRPC;
+  }
+  return 0;
+}
+
+static void init_op(rp_op *op, rp_call *c) {
+  op->tag.on_done = op_done;
+  op->call = c;
+  atomic_init(&op->busy, 0);
+}
+
+rp_call *rp_call_adopt(rp_instance *inst, grpc_call *call, size_t svc_size) {
+  rp_call *c = calloc(1, sizeof *c + svc_size);
+  int cancel_now;
+  if (c == NULL) {
+    grpc_call_cancel_with_status(call, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                                 "out of memory", NULL);
+    grpc_call_unref(call);
+    return NULL;
+  }
+  c->inst = inst;
+  c->call = call;
+  atomic_init(&c->refs, 1);
+  c->svc = svc_size ? (void *)(c + 1) : NULL;
+  init_op(&c->send_op, c);
+  init_op(&c->recv_op, c);
+  init_op(&c->finish_op, c);
+  init_op(&c->close_op, c);
+  pthread_mutex_lock(&inst->mu);
+  c->next = inst->calls;
+  if (inst->calls) inst->calls->prev = c;
+  inst->calls = c;
+  inst->ncalls++;
+  cancel_now = inst->state >= RP_CANCELLING;
+  pthread_mutex_unlock(&inst->mu);
+  atomic_fetch_add(&inst->calls_total, 1);
+  if (cancel_now)
+    grpc_call_cancel_with_status(call, GRPC_STATUS_UNAVAILABLE,
+                                 "plugin is shutting down", NULL);
+  return c;
+}
+
+void rp_call_ref(rp_call *c) { atomic_fetch_add(&c->refs, 1); }
+
+void rp_call_unref(rp_call *c) {
+  rp_instance *inst;
+  if (atomic_fetch_sub(&c->refs, 1) != 1) return;
+  inst = c->inst;
+  if (c->on_free) c->on_free(c);
+  pthread_mutex_lock(&inst->mu);
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    inst->calls = c->next;
+  if (c->next) c->next->prev = c->prev;
+  inst->ncalls--;
+  if (inst->ncalls == 0) pthread_cond_broadcast(&inst->cv);
+  pthread_mutex_unlock(&inst->mu);
+  /* Buffers of ops that never started, or results nobody took. */
+  if (c->send_buf) grpc_byte_buffer_destroy(c->send_buf);
+  if (c->finish_buf) grpc_byte_buffer_destroy(c->finish_buf);
+  if (c->recv_buf) grpc_byte_buffer_destroy(c->recv_buf);
+  if (c->has_details) grpc_slice_unref(c->status_details);
+  grpc_call_unref(c->call);
+  free(c);
+}
+
+int rp_call_watch_close(rp_call *c, rp_call_cb cb) {
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+  op.data.recv_close_on_server.cancelled = &c->cancelled;
+  return start_op(c, &c->close_op, &op, 1, cb);
+}
+
+/* The sent buffer is offered to the service's callback as c->sent_buf (it
+ * may take it, for a retry elsewhere, by setting it to NULL) and destroyed
+ * afterwards; the send slot is free again before the callback runs, so the
+ * callback may send the next message at once. */
+static void send_op_done(rpcplugin_tag *tag, int ok) {
+  rp_op *op = (rp_op *)tag;
+  rp_call *c = op->call;
+  rp_call_cb cb = op->cb;
+  grpc_byte_buffer *sent = c->send_buf;
+  c->send_buf = NULL;
+  atomic_store(&op->busy, 0);
+  if (cb) {
+    c->sent_buf = sent;
+    cb(c, ok);
+    sent = c->sent_buf;
+    c->sent_buf = NULL;
+  }
+  if (sent) grpc_byte_buffer_destroy(sent);
+  rp_call_unref(c);
+}
+
+static int start_send(rp_call *c, grpc_byte_buffer *bb, uint32_t flags,
+                      rp_call_cb cb) {
+  grpc_op ops[2];
+  size_t n = 0;
+  int rc, md_was_sent = c->md_sent;
+  if (atomic_load(&c->send_op.busy)) return RPCPLUGIN_ESTATE;
+  memset(ops, 0, sizeof ops);
+  if (!c->md_sent) {
+    ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    c->md_sent = 1;
+  }
+  if (bb) {
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n].flags = flags;
+    ops[n++].data.send_message.send_message = bb;
+  }
+  if (n == 0) return RPCPLUGIN_EINVAL;
+  c->send_op.tag.on_done = send_op_done;
+  /* Set before the batch starts: it may complete on another poller before
+   * start_op returns. */
+  c->send_buf = bb;
+  rc = start_op(c, &c->send_op, ops, n, cb);
+  if (rc != 0) {
+    c->send_buf = NULL;
+    c->md_sent = md_was_sent;
+  }
+  return rc;
+}
+
+int rp_call_send(rp_call *c, grpc_byte_buffer *bb, uint32_t flags,
+                 rp_call_cb cb) {
+  return start_send(c, bb, flags, cb);
+}
+
+int rp_call_send_metadata(rp_call *c, rp_call_cb cb) {
+  if (c->md_sent) return RPCPLUGIN_ESTATE;
+  return start_send(c, NULL, 0, cb);
+}
+
+int rp_call_recv(rp_call *c, rp_call_cb cb) {
+  grpc_op op;
+  memset(&op, 0, sizeof op);
+  if (c->recv_buf) {
+    grpc_byte_buffer_destroy(c->recv_buf);
+    c->recv_buf = NULL;
+  }
+  op.op = GRPC_OP_RECV_MESSAGE;
+  op.data.recv_message.recv_message = &c->recv_buf;
+  return start_op(c, &c->recv_op, &op, 1, cb);
+}
+
+static void finish_op_done(rpcplugin_tag *tag, int ok) {
+  rp_op *op = (rp_op *)tag;
+  rp_call *c = op->call;
+  grpc_byte_buffer *bb = c->finish_buf;
+  c->finish_buf = NULL;
+  if (bb) grpc_byte_buffer_destroy(bb);
+  op_done(tag, ok);
+}
+
+int rp_call_finish(rp_call *c, grpc_status_code status, const char *details,
+                   grpc_byte_buffer *msg, int with_close, rp_call_cb cb) {
+  grpc_op ops[4];
+  size_t n = 0;
+  int rc;
+  if (atomic_load(&c->finish_op.busy) || c->has_details) {
+    if (msg) grpc_byte_buffer_destroy(msg);
+    return RPCPLUGIN_ESTATE;
+  }
+  memset(ops, 0, sizeof ops);
+  if (!c->md_sent) {
+    ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+    c->md_sent = 1;
+  }
+  if (msg) {
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n++].data.send_message.send_message = msg;
+    c->finish_buf = msg;
+  }
+  c->status_details = grpc_slice_from_copied_string(details ? details : "");
+  c->has_details = 1;
+  ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+  ops[n].data.send_status_from_server.status = status;
+  ops[n++].data.send_status_from_server.status_details =
+      details ? &c->status_details : NULL;
+  if (with_close) {
+    ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    ops[n++].data.recv_close_on_server.cancelled = &c->cancelled;
+  }
+  c->finish_op.tag.on_done = finish_op_done;
+  rc = start_op(c, &c->finish_op, ops, n, cb);
+  if (rc != 0 && c->finish_buf) {
+    grpc_byte_buffer_destroy(c->finish_buf);
+    c->finish_buf = NULL;
+  }
+  return rc;
+}
+
+void rp_call_cancel(rp_call *c, grpc_status_code status, const char *details) {
+  grpc_call_cancel_with_status(c->call, status, details, NULL);
+}
+
+void rp_unary_reply(rp_instance *inst, grpc_call *call,
+                    grpc_status_code status, const char *details,
+                    grpc_byte_buffer *msg, rp_call_cb cb) {
+  rp_call *c = rp_call_adopt(inst, call, 0);
+  if (c == NULL) {
+    if (msg) grpc_byte_buffer_destroy(msg);
+    return;
+  }
+  if (rp_call_finish(c, status, details, msg, 1, cb) != 0 && cb) cb(c, 0);
+  rp_call_unref(c);
+}
+
+void rp_calls_cancel_and_drain(rp_instance *inst) {
+  rp_call *c;
+  pthread_mutex_lock(&inst->mu);
+  if (inst->state < RP_CANCELLING) inst->state = RP_CANCELLING;
+  /* A call's memory and its grpc_call are released only after it left
+   * the list, under this lock, so every call seen here is valid. */
+  for (c = inst->calls; c; c = c->next)
+    grpc_call_cancel_with_status(c->call, GRPC_STATUS_UNAVAILABLE,
+                                 "plugin is shutting down", NULL);
+  while (inst->ncalls > 0) pthread_cond_wait(&inst->cv, &inst->mu);
+  pthread_mutex_unlock(&inst->mu);
+}

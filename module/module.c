@@ -1,0 +1,260 @@
+/*
+ * module.c - the module's one exported symbol, its vtable, and the
+ * lifecycle of an instance (init -> register_services -> start ->
+ * shutdown -> destroy).
+ *
+ * Services are described by rp_service tables (one per file); this file
+ * only turns the manifest's service names into routes with the host and
+ * runs the services' hooks in order.  Shutdown is two-phase: first each
+ * service ends gracefully (stdio flushes within its deadline), then every
+ * call still alive is cancelled and the instance waits until the last tag
+ * came back, so that the host may dlclose right after destroy.
+ */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <grpc/grpc.h>
+
+#include "engine.h"
+#include "stdio_service.h"
+#include "broker.h"
+
+#define RP_EXPORT __attribute__((visibility("default")))
+
+static const rp_service *const all_services[RP_NSERVICES] = {
+    &rp_broker_service, &rp_stdio_service, &rp_controller_service,
+    &rp_health_service};
+
+void rp_log(rp_instance *inst, int level, const char *fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  if (inst->host.log == NULL) return;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  inst->host.log(inst->host.host_ctx, level, buf);
+}
+
+int rp_on_poller(rp_instance *inst) {
+  return inst->host.on_poller_thread &&
+         inst->host.on_poller_thread(inst->host.host_ctx);
+}
+
+/* Every routed method arrives here first. */
+static void on_call(void *ctx, grpc_call *call, grpc_byte_buffer *req,
+                    gpr_timespec deadline) {
+  rp_route *route = ctx;
+  rp_instance *inst = route->inst;
+  int state;
+  (void)deadline;
+  pthread_mutex_lock(&inst->mu);
+  state = inst->state;
+  pthread_mutex_unlock(&inst->mu);
+  if (state >= RP_STOPPING) {
+    if (req) grpc_byte_buffer_destroy(req);
+    rp_unary_reply(inst, call, GRPC_STATUS_UNAVAILABLE,
+                   "plugin is shutting down", NULL, NULL);
+    return;
+  }
+  route->fn(inst, call, req);
+}
+
+static int m_init(const rpcplugin_host_api *host, const char *config_json,
+                  void **out, char *err, size_t errlen) {
+  rp_instance *inst;
+  size_t n;
+  if (out == NULL || host == NULL) {
+    snprintf(err, errlen, "init: host API and instance pointer needed");
+    return RPCPLUGIN_EINVAL;
+  }
+  *out = NULL;
+  if (host->abi_major != RPCPLUGIN_ABI_MAJOR) {
+    snprintf(err, errlen,
+             "host speaks ABI %d.%d, this module ABI %d.%d (majors must "
+             "match)",
+             (int)host->abi_major, (int)host->abi_minor, RPCPLUGIN_ABI_MAJOR,
+             RPCPLUGIN_ABI_MINOR);
+    return RPCPLUGIN_EABI;
+  }
+  if (!RPCPLUGIN_HOST_HAS(host, add_method) ||
+      !RPCPLUGIN_HOST_HAS(host, request_shutdown) || host->server == NULL ||
+      host->cq == NULL) {
+    snprintf(err, errlen,
+             "host API lacks server, cq, add_method or request_shutdown");
+    return RPCPLUGIN_EABI;
+  }
+  inst = calloc(1, sizeof *inst);
+  if (inst == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return RPCPLUGIN_ENOMEM;
+  }
+  n = host->struct_size < sizeof inst->host ? host->struct_size
+                                            : sizeof inst->host;
+  memcpy(&inst->host, host, n);
+  if (rp_config_parse(config_json, &inst->cfg, err, errlen) != 0) {
+    free(inst);
+    return RPCPLUGIN_ECONFIG;
+  }
+  pthread_mutex_init(&inst->mu, NULL);
+  pthread_cond_init(&inst->cv, NULL);
+  inst->state = RP_CREATED;
+  grpc_init();
+  *out = inst;
+  return 0;
+}
+
+static int m_register(void *instance, const char *const *services,
+                      size_t nservices, char *err, size_t errlen) {
+  rp_instance *inst = instance;
+  size_t i, j;
+  int rc;
+  if (inst == NULL || (services == NULL && nservices > 0)) {
+    snprintf(err, errlen, "register_services: bad arguments");
+    return RPCPLUGIN_EINVAL;
+  }
+  if (inst->state != RP_CREATED) {
+    snprintf(err, errlen, "register_services called twice");
+    return RPCPLUGIN_ESTATE;
+  }
+  for (i = 0; i < nservices; i++) {
+    const rp_service *svc = NULL;
+    for (j = 0; j < RP_NSERVICES; j++)
+      if (services[i] && strcmp(services[i], all_services[j]->name) == 0)
+        svc = all_services[j];
+    if (svc == NULL) {
+      snprintf(err, errlen, "unknown service \"%s\"",
+               services[i] ? services[i] : "(null)");
+      return RPCPLUGIN_EINVAL;
+    }
+    for (j = 0; j < inst->nenabled; j++)
+      if (inst->enabled[j] == svc) break;
+    if (j == inst->nenabled) inst->enabled[inst->nenabled++] = svc;
+  }
+  for (i = 0; i < inst->nenabled; i++) {
+    const rp_service *svc = inst->enabled[i];
+    if (svc->create && (rc = svc->create(inst, err, errlen)) != 0) return rc;
+  }
+  for (i = 0; i < inst->nenabled; i++) {
+    const rp_service *svc = inst->enabled[i];
+    for (j = 0; j < svc->nmethods; j++) {
+      rp_route *route = &inst->routes[inst->nroutes++];
+      route->inst = inst;
+      route->fn = svc->methods[j].fn;
+      rc = inst->host.add_method(inst->host.host_ctx, svc->methods[j].path,
+                                 svc->methods[j].kind, on_call, route, err,
+                                 errlen);
+      if (rc != 0) return rc;
+    }
+  }
+  inst->state = RP_REGISTERED;
+  return 0;
+}
+
+static int m_start(void *instance) {
+  rp_instance *inst = instance;
+  size_t i;
+  pthread_mutex_lock(&inst->mu);
+  if (inst->state != RP_REGISTERED) {
+    pthread_mutex_unlock(&inst->mu);
+    return RPCPLUGIN_ESTATE;
+  }
+  inst->state = RP_STARTED;
+  pthread_mutex_unlock(&inst->mu);
+  for (i = 0; i < inst->nenabled; i++)
+    if (inst->enabled[i]->start) inst->enabled[i]->start(inst);
+  return 0;
+}
+
+static int m_shutdown(void *instance) {
+  rp_instance *inst = instance;
+  size_t i;
+  if (inst == NULL) return RPCPLUGIN_EINVAL;
+  if (rp_on_poller(inst)) return RPCPLUGIN_EWRONGTHREAD;
+  pthread_mutex_lock(&inst->mu);
+  if (inst->state >= RP_STOPPING) {
+    /* Idempotent: a second caller waits for the first to finish. */
+    while (inst->state != RP_STOPPED) pthread_cond_wait(&inst->cv, &inst->mu);
+    pthread_mutex_unlock(&inst->mu);
+    return 0;
+  }
+  inst->state = RP_STOPPING;
+  pthread_mutex_unlock(&inst->mu);
+
+  for (i = 0; i < inst->nenabled; i++)
+    if (inst->enabled[i]->stop) inst->enabled[i]->stop(inst);
+  rp_calls_cancel_and_drain(inst);
+
+  pthread_mutex_lock(&inst->mu);
+  inst->state = RP_STOPPED;
+  pthread_cond_broadcast(&inst->cv);
+  pthread_mutex_unlock(&inst->mu);
+  return 0;
+}
+
+static void m_destroy(void *instance) {
+  rp_instance *inst = instance;
+  size_t i;
+  if (inst == NULL) return;
+  for (i = 0; i < inst->nenabled; i++)
+    if (inst->enabled[i]->destroy) inst->enabled[i]->destroy(inst);
+  pthread_cond_destroy(&inst->cv);
+  pthread_mutex_destroy(&inst->mu);
+  free(inst);
+  grpc_shutdown();
+}
+
+static int m_put_line(void *instance, int channel, const void *data,
+                      size_t len) {
+  rp_instance *inst = instance;
+  if (inst == NULL) return RPCPLUGIN_EINVAL;
+  if (inst->stdio == NULL) return RPCPLUGIN_EUNSUPPORTED;
+  return rp_stdio_put(inst->stdio, channel, data, len);
+}
+
+static int m_get_stats(void *instance, rpcplugin_stats *out) {
+  rp_instance *inst = instance;
+  rpcplugin_stats s;
+  size_t n;
+  if (inst == NULL || out == NULL || out->struct_size < 8)
+    return RPCPLUGIN_EINVAL;
+  memset(&s, 0, sizeof s);
+  if (inst->stdio) rp_stdio_stats(inst->stdio, &s);
+  if (inst->broker) rp_broker_stats(inst->broker, &s);
+  pthread_mutex_lock(&inst->mu);
+  s.calls_active = inst->ncalls;
+  pthread_mutex_unlock(&inst->mu);
+  s.calls_total = atomic_load(&inst->calls_total);
+  n = out->struct_size < sizeof s ? out->struct_size : sizeof s;
+  s.struct_size = out->struct_size;
+  memcpy(out, &s, n);
+  return 0;
+}
+
+static const rpcplugin_module_api module_api = {
+    .magic = RPCPLUGIN_MODULE_MAGIC,
+    .abi_major = RPCPLUGIN_ABI_MAJOR,
+    .abi_minor = RPCPLUGIN_ABI_MINOR,
+    .struct_size = sizeof(rpcplugin_module_api),
+    .flags = 0,
+    .abi_tag = RPCPLUGIN_ABI_TAG,
+    .name = "rpcplugin-services",
+    .version = RPCPLUGIN_VERSION,
+    .init = m_init,
+    .register_services = m_register,
+    .start = m_start,
+    .put_line = m_put_line,
+    .shutdown = m_shutdown,
+    .destroy = m_destroy,
+    .get_stats = m_get_stats,
+    .broker_advertise = rp_broker_advertise,
+    .broker_wait_advertised = rp_broker_wait_advertised,
+    .broker_knock = rp_broker_knock,
+    .broker_channel = rp_broker_channel,
+    .broker_release_channel = rp_broker_release_channel,
+};
+
+RP_EXPORT const rpcplugin_module_api *rpcplugin_module_entry(void) {
+  return &module_api;
+}

@@ -1,0 +1,465 @@
+/*
+ * stdio_service.c - plugin.GRPCStdio/StreamStdio on the bounded queue.
+ *
+ * Producers (host threads) put chunks into the queue (stdio_queue.c).  Each
+ * open stream has at most one write in flight, as the C core requires, and
+ * no thread of its own: when a write completes, the completion (on a
+ * poller) takes the next message from the queue and starts the next write.
+ * A stream with nothing to send is "idle"; a put that finds an idle stream
+ * starts that stream's write itself (on the producer's thread, outside the
+ * queue lock), so no gRPC thread is ever woken just to look at the queue.
+ *
+ * Exactly once: a message leaves the queue when a stream takes it.  If its
+ * write fails (the client went away), the encoded message goes to the
+ * "putback" list, ordered by the sequence number it was taken with, and is
+ * sent before anything still in the queue by the next stream that writes.
+ * Memory is therefore the queue's bound plus at most one message per open
+ * stream (in flight or put back).
+ *
+ * Shutdown (stop hook): close the queue to producers, finish idle streams
+ * with OK, let busy ones drain the queue and then finish, all within
+ * flush_deadline_ms; the instance then cancels whatever is left.
+ *
+ * Lock: the queue's mutex q.mu guards everything here too.
+ */
+#include "stdio_service.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "codec.h"
+#include "engine.h"
+#include "stdio_queue.h"
+
+typedef struct stream stream;
+struct stream {
+  rp_call *c;
+  stream *prev, *next;           /* all open streams */
+  stream *idle_prev, *idle_next; /* idle streams */
+  int idle;
+  int sending;
+  int closed;
+  int finishing;
+  int finished;
+  /* What the write in flight carries. */
+  uint64_t seq;
+  size_t bytes;
+  unsigned chunks;
+};
+
+typedef struct putback putback;
+struct putback {
+  grpc_byte_buffer *bb;
+  uint64_t seq;
+  size_t bytes;
+  unsigned chunks;
+  putback *next;
+};
+
+struct rp_stdio {
+  rp_instance *inst;
+  rp_squeue q;
+  size_t coalesce;
+  stream *streams;
+  stream *idle_head;
+  size_t nstreams, nidle;
+  putback *putback;
+  uint64_t seq;
+  int stopping;
+  pthread_cond_t done_cv; /* CLOCK_MONOTONIC; stop waits on it */
+  uint64_t sent_chunks, sent_bytes, sent_messages;
+};
+
+/* ------------------------------------------------------------- lists */
+
+static void idle_push(rp_stdio *s, stream *st) {
+  st->idle = 1;
+  st->idle_prev = NULL;
+  st->idle_next = s->idle_head;
+  if (s->idle_head) s->idle_head->idle_prev = st;
+  s->idle_head = st;
+  s->nidle++;
+}
+
+static void idle_remove(rp_stdio *s, stream *st) {
+  if (!st->idle) return;
+  if (st->idle_prev)
+    st->idle_prev->idle_next = st->idle_next;
+  else
+    s->idle_head = st->idle_next;
+  if (st->idle_next) st->idle_next->idle_prev = st->idle_prev;
+  st->idle = 0;
+  s->nidle--;
+}
+
+static void stream_remove(rp_stdio *s, stream *st) {
+  idle_remove(s, st);
+  if (st->prev)
+    st->prev->next = st->next;
+  else if (s->streams == st)
+    s->streams = st->next;
+  if (st->next) st->next->prev = st->prev;
+  st->prev = st->next = NULL;
+  s->nstreams--;
+}
+
+/* ----------------------------------------------------------- messages */
+
+/* Take the next message for st (under q.mu): a put-back one first, else a
+ * fresh one from the queue.  NULL when there is nothing to send. */
+static grpc_byte_buffer *take_locked(rp_stdio *s, stream *st) {
+  if (s->putback) {
+    putback *pb = s->putback;
+    grpc_byte_buffer *bb = pb->bb;
+    s->putback = pb->next;
+    st->seq = pb->seq;
+    st->bytes = pb->bytes;
+    st->chunks = pb->chunks;
+    free(pb);
+    return bb;
+  } else {
+    int channel;
+    size_t nrec, len = rp_squeue_peek_locked(&s->q, s->coalesce, &channel,
+                                             &nrec);
+    uint8_t *dst;
+    grpc_slice slice;
+    grpc_byte_buffer *bb;
+    if (nrec == 0) return NULL;
+    slice = rp_stdio_slice(channel, len, &dst);
+    st->chunks = rp_squeue_pop_locked(&s->q, nrec, dst);
+    st->bytes = len;
+    st->seq = s->seq++;
+    bb = grpc_raw_byte_buffer_create(&slice, 1);
+    grpc_slice_unref(slice);
+    return bb;
+  }
+}
+
+/* Keep a message whose write failed, in sequence order. */
+static void putback_locked(rp_stdio *s, grpc_byte_buffer *bb, stream *st) {
+  putback *pb = malloc(sizeof *pb), **pp;
+  if (pb == NULL) {
+    /* Cannot keep it: count it as dropped rather than lose it silently. */
+    s->q.dropped_chunks += st->chunks;
+    s->q.dropped_bytes += st->bytes;
+    grpc_byte_buffer_destroy(bb);
+    return;
+  }
+  pb->bb = bb;
+  pb->seq = st->seq;
+  pb->bytes = st->bytes;
+  pb->chunks = st->chunks;
+  for (pp = &s->putback; *pp && (*pp)->seq < pb->seq; pp = &(*pp)->next) {
+  }
+  pb->next = *pp;
+  *pp = pb;
+}
+
+static void send_done(rp_call *c, int ok);
+static void finish_done(rp_call *c, int ok);
+
+/* Start st's next write, or finish it, or park it as idle (under q.mu).
+ * Returns the buffer to send (the caller sends it after unlocking), or
+ * NULL; *finish is set when the stream should be finished. */
+static grpc_byte_buffer *next_locked(rp_stdio *s, stream *st, int *finish) {
+  grpc_byte_buffer *bb;
+  *finish = 0;
+  if (st->closed || st->finishing) return NULL;
+  bb = take_locked(s, st);
+  if (bb) {
+    st->sending = 1;
+    return bb;
+  }
+  if (s->stopping) {
+    st->finishing = 1;
+    *finish = 1;
+  } else {
+    idle_push(s, st);
+  }
+  return NULL;
+}
+
+/* Outside the lock: act on what next_locked decided.  The caller holds a
+ * reference on st->c. */
+static void act(rp_stdio *s, stream *st, grpc_byte_buffer *bb, int finish) {
+  if (bb) {
+    if (rp_call_send(st->c, bb, 0, send_done) != 0) {
+      /* The call is over: treat it as a failed write. */
+      pthread_mutex_lock(&s->q.mu);
+      st->sending = 0;
+      putback_locked(s, bb, st);
+      pthread_mutex_unlock(&s->q.mu);
+    }
+  } else if (finish) {
+    if (rp_call_finish(st->c, GRPC_STATUS_OK, NULL, NULL, 0, finish_done) !=
+        0) {
+      pthread_mutex_lock(&s->q.mu);
+      st->finished = 1;
+      pthread_cond_broadcast(&s->done_cv);
+      pthread_mutex_unlock(&s->q.mu);
+    }
+  }
+}
+
+/* Start writes on idle streams while there is something to send.  Called
+ * by producers (through the queue's kick) and after a failed write. */
+static void kick(void *ctx) {
+  rp_stdio *s = ctx;
+  for (;;) {
+    stream *st;
+    grpc_byte_buffer *bb;
+    pthread_mutex_lock(&s->q.mu);
+    st = s->idle_head;
+    if (st == NULL) {
+      pthread_mutex_unlock(&s->q.mu);
+      return;
+    }
+    bb = take_locked(s, st);
+    if (bb == NULL) {
+      pthread_mutex_unlock(&s->q.mu);
+      return;
+    }
+    idle_remove(s, st);
+    st->sending = 1;
+    rp_call_ref(st->c);
+    pthread_mutex_unlock(&s->q.mu);
+    act(s, st, bb, 0);
+    rp_call_unref(st->c);
+  }
+}
+
+static int wants_kick(void *ctx) {
+  rp_stdio *s = ctx;
+  return s->nidle > 0;
+}
+
+static void send_done(rp_call *c, int ok) {
+  stream *st = c->svc;
+  rp_stdio *s = c->inst->stdio;
+  grpc_byte_buffer *bb = NULL;
+  int finish = 0, rekick = 0;
+  pthread_mutex_lock(&s->q.mu);
+  st->sending = 0;
+  if (ok) {
+    s->sent_messages++;
+    s->sent_chunks += st->chunks;
+    s->sent_bytes += st->bytes;
+    bb = next_locked(s, st, &finish);
+  } else {
+    /* Not handed to the client: the next writer sends it again. */
+    putback_locked(s, c->sent_buf, st);
+    c->sent_buf = NULL;
+    rekick = s->nidle > 0;
+  }
+  if (s->stopping) pthread_cond_broadcast(&s->done_cv);
+  pthread_mutex_unlock(&s->q.mu);
+  act(s, st, bb, finish);
+  if (rekick) kick(s);
+}
+
+static void finish_done(rp_call *c, int ok) {
+  stream *st = c->svc;
+  rp_stdio *s = c->inst->stdio;
+  (void)ok;
+  pthread_mutex_lock(&s->q.mu);
+  st->finished = 1;
+  pthread_cond_broadcast(&s->done_cv);
+  pthread_mutex_unlock(&s->q.mu);
+}
+
+static void closed(rp_call *c, int ok) {
+  stream *st = c->svc;
+  rp_stdio *s = c->inst->stdio;
+  (void)ok;
+  pthread_mutex_lock(&s->q.mu);
+  st->closed = 1;
+  stream_remove(s, st);
+  pthread_cond_broadcast(&s->done_cv);
+  pthread_mutex_unlock(&s->q.mu);
+  rp_call_unref(c); /* the stream's own reference */
+}
+
+/* Initial metadata went out: the stream is open for the client. */
+static void opened(rp_call *c, int ok) {
+  stream *st = c->svc;
+  rp_stdio *s = c->inst->stdio;
+  grpc_byte_buffer *bb = NULL;
+  int finish = 0;
+  pthread_mutex_lock(&s->q.mu);
+  st->sending = 0;
+  if (ok) bb = next_locked(s, st, &finish);
+  pthread_mutex_unlock(&s->q.mu);
+  act(s, st, bb, finish);
+}
+
+static void stream_call(rp_instance *inst, grpc_call *call,
+                        grpc_byte_buffer *req) {
+  rp_stdio *s = inst->stdio;
+  rp_call *c;
+  stream *st;
+  if (req) grpc_byte_buffer_destroy(req); /* google.protobuf.Empty */
+  c = rp_call_adopt(inst, call, sizeof(stream));
+  if (c == NULL) return;
+  st = c->svc;
+  st->c = c;
+  if (rp_call_watch_close(c, closed) != 0) {
+    rp_call_unref(c);
+    return;
+  }
+  pthread_mutex_lock(&s->q.mu);
+  st->next = s->streams;
+  if (s->streams) s->streams->prev = st;
+  s->streams = st;
+  s->nstreams++;
+  st->sending = 1;
+  pthread_mutex_unlock(&s->q.mu);
+  if (rp_call_send_metadata(c, opened) != 0) {
+    pthread_mutex_lock(&s->q.mu);
+    st->sending = 0;
+    pthread_mutex_unlock(&s->q.mu);
+    rp_call_cancel(c, GRPC_STATUS_INTERNAL, "cannot start stream");
+  }
+}
+
+/* ------------------------------------------------------------ service */
+
+int rp_stdio_put(rp_stdio *s, int channel, const void *data, size_t len) {
+  if (channel != RPCPLUGIN_STDOUT && channel != RPCPLUGIN_STDERR)
+    return RPCPLUGIN_EINVAL;
+  if (data == NULL && len > 0) return RPCPLUGIN_EINVAL;
+  if (len == 0) return 0; /* nothing to deliver */
+  if (s->q.overflow == RP_BLOCK && rp_on_poller(s->inst))
+    return RPCPLUGIN_EWRONGTHREAD; /* would wait for itself */
+  return rp_squeue_put(&s->q, channel, data, len);
+}
+
+void rp_stdio_stats(rp_stdio *s, rpcplugin_stats *out) {
+  pthread_mutex_lock(&s->q.mu);
+  out->stdio_queued_chunks = s->q.queued_chunks;
+  out->stdio_queued_bytes = s->q.queued_bytes;
+  out->stdio_sent_chunks = s->sent_chunks;
+  out->stdio_sent_bytes = s->sent_bytes;
+  out->stdio_sent_messages = s->sent_messages;
+  out->stdio_dropped_chunks = s->q.dropped_chunks;
+  out->stdio_dropped_bytes = s->q.dropped_bytes;
+  out->stdio_queue_bytes = s->q.used;
+  out->stdio_blocked_puts = s->q.blocked_puts;
+  out->stdio_timed_out_puts = s->q.timed_out_puts;
+  pthread_mutex_unlock(&s->q.mu);
+}
+
+static int stdio_create(rp_instance *inst, char *err, size_t errlen) {
+  const rp_config *cfg = &inst->cfg;
+  rp_stdio *s = calloc(1, sizeof *s);
+  size_t piece;
+  pthread_condattr_t ca;
+  if (s == NULL) {
+    snprintf(err, errlen, "out of memory");
+    return RPCPLUGIN_ENOMEM;
+  }
+  /* A piece plus its framing must fit the message limit. */
+  piece = cfg->stdio.max_message_bytes - 16;
+  if (rp_squeue_init(&s->q, cfg->stdio.queue_bytes, cfg->stdio.overflow,
+                     cfg->stdio.block_timeout_ms, piece) != 0) {
+    free(s);
+    snprintf(err, errlen, "cannot allocate a stdio queue of %zu bytes",
+             cfg->stdio.queue_bytes);
+    return RPCPLUGIN_ENOMEM;
+  }
+  s->q.wants_kick = wants_kick;
+  s->q.kick = kick;
+  s->q.ctx = s;
+  s->inst = inst;
+  s->coalesce = cfg->stdio.coalesce_bytes;
+  if (s->coalesce > piece) s->coalesce = piece;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&s->done_cv, &ca);
+  pthread_condattr_destroy(&ca);
+  inst->stdio = s;
+  return 0;
+}
+
+/* Everything is flushed when nothing is queued, put back or in flight. */
+static int drained_locked(rp_stdio *s) {
+  stream *st;
+  for (st = s->streams; st; st = st->next)
+    if (!st->finished) return 0;
+  return 1;
+}
+
+static void stdio_stop(rp_instance *inst) {
+  rp_stdio *s = inst->stdio;
+  struct timespec dl;
+  long ms = inst->cfg.stdio.flush_deadline_ms;
+  stream *st;
+
+  clock_gettime(CLOCK_MONOTONIC, &dl);
+  dl.tv_sec += ms / 1000;
+  dl.tv_nsec += (ms % 1000) * 1000000L;
+  if (dl.tv_nsec >= 1000000000L) {
+    dl.tv_sec++;
+    dl.tv_nsec -= 1000000000L;
+  }
+  pthread_mutex_lock(&s->q.mu);
+  s->stopping = 1;
+  rp_squeue_close_locked(&s->q);
+  /* Idle streams have nothing left to send: finish them now.  Busy ones
+   * finish from their last write's completion. */
+  for (;;) {
+    for (st = s->streams; st; st = st->next)
+      if (st->idle && !st->finishing) break;
+    if (st == NULL) break;
+    idle_remove(s, st);
+    {
+      int finish;
+      grpc_byte_buffer *bb = next_locked(s, st, &finish);
+      rp_call_ref(st->c);
+      pthread_mutex_unlock(&s->q.mu);
+      act(s, st, bb, finish);
+      rp_call_unref(st->c);
+      pthread_mutex_lock(&s->q.mu);
+    }
+  }
+  while (!drained_locked(s))
+    if (pthread_cond_timedwait(&s->done_cv, &s->q.mu, &dl) == ETIMEDOUT) {
+      rp_log(inst, RPCPLUGIN_LOG_WARN,
+             "rpcplugin: stdio flush deadline (%ld ms) passed with %zu bytes "
+             "queued",
+             ms, s->q.used);
+      break;
+    }
+  pthread_mutex_unlock(&s->q.mu);
+}
+
+static void stdio_destroy(rp_instance *inst) {
+  rp_stdio *s = inst->stdio;
+  if (s == NULL) return;
+  while (s->putback) {
+    putback *pb = s->putback;
+    s->putback = pb->next;
+    grpc_byte_buffer_destroy(pb->bb);
+    free(pb);
+  }
+  pthread_cond_destroy(&s->done_cv);
+  rp_squeue_destroy(&s->q);
+  free(s);
+  inst->stdio = NULL;
+}
+
+static const rp_method_def methods[] = {
+    {"/plugin.GRPCStdio/StreamStdio", RPCPLUGIN_SERVER_STREAMING,
+     stream_call},
+};
+
+const rp_service rp_stdio_service = {
+    .name = "plugin.GRPCStdio",
+    .methods = methods,
+    .nmethods = 1,
+    .create = stdio_create,
+    .stop = stdio_stop,
+    .destroy = stdio_destroy,
+};
