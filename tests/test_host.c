@@ -19,6 +19,10 @@
  *   waitadv ID MS          broker_wait_advertised -> "OK NET ADDR"
  *   knock ID NET ADDR MS   broker_knock
  *   subhealth ID           Health/Check over the subchannel's channel
+ *   dialadv ID MS          wait for the peer's advertisement of ID, dial it
+ *                          (go-plugin's Dial) and call Health/Check on it
+ *   subserve PATH MANIFEST serve MANIFEST's module on a second server at
+ *                          unix:PATH (a target for the peer's Dial)
  *   shutdown               run the shutdown path
  *
  * Signals SIGTERM and SIGINT also run the shutdown path.
@@ -141,6 +145,56 @@ static int sub_health(grpc_channel *ch, char *out, size_t outlen) {
   }
   grpc_completion_queue_destroy(cq);
   return status == GRPC_STATUS_OK ? 0 : -1;
+}
+
+/* A second server with its own runtime, for brokered connections. */
+static grpc_server *sub_server;
+static rpcplugin_runtime *sub_rt;
+static rpcplugin_manifest *sub_manifest;
+
+static int sub_serve(const char *path, const char *manifest) {
+  rpcplugin_runtime_options o;
+  rpcplugin_error err;
+  rpcplugin_module *m2;
+  grpc_server_credentials *creds;
+  char addr[300];
+  int rc;
+  if (sub_server) return RPCPLUGIN_EEXIST;
+  rc = rpcplugin_manifest_load(manifest, &sub_manifest, &err);
+  if (rc) {
+    fprintf(stderr, "%s\n", err.message);
+    return rc;
+  }
+  sub_server = grpc_server_create(NULL, NULL);
+  creds = grpc_insecure_server_credentials_create();
+  snprintf(addr, sizeof addr, "unix:%s", path);
+  if (grpc_server_add_http2_port(sub_server, addr, creds) <= 0) rc = -1;
+  grpc_server_credentials_release(creds);
+  memset(&o, 0, sizeof o);
+  o.struct_size = sizeof o;
+  o.server = sub_server;
+  o.log = on_log;
+  if (rc == 0) rc = rpcplugin_runtime_create(&o, &sub_rt, &err);
+  if (rc == 0) rc = rpcplugin_module_load(sub_rt, sub_manifest, NULL, &m2, &err);
+  if (rc) {
+    fprintf(stderr, "%s\n", err.message);
+    return rc ? rc : RPCPLUGIN_EIO;
+  }
+  grpc_server_start(sub_server);
+  return rpcplugin_runtime_start(sub_rt, &err);
+}
+
+static void sub_stop(void) {
+  if (sub_rt) {
+    rpcplugin_runtime_destroy(sub_rt);
+    sub_rt = NULL;
+  }
+  if (sub_server) {
+    grpc_server_destroy(sub_server);
+    sub_server = NULL;
+  }
+  rpcplugin_manifest_free(sub_manifest);
+  sub_manifest = NULL;
 }
 
 static void command(char *line) {
@@ -268,6 +322,32 @@ static void command(char *line) {
     rc = sub_health(ch, res, sizeof res);
     api->broker_release_channel(inst, ch);
     say("%s %s", rc == 0 ? "OK" : "ERR", res);
+  } else if (strcmp(argv[0], "dialadv") == 0 && argc == 3) {
+    rpcplugin_conn_info ci;
+    char target[300], res[128];
+    grpc_channel *ch;
+    grpc_channel_credentials *creds;
+    int rc;
+    if (!RPCPLUGIN_MODULE_HAS(api, broker_wait_advertised)) {
+      report(RPCPLUGIN_EUNSUPPORTED, "dialadv");
+      return;
+    }
+    rc = api->broker_wait_advertised(inst, (uint32_t)atol(argv[1]),
+                                     atoi(argv[2]), &ci);
+    if (rc) {
+      report(rc, "dialadv");
+      return;
+    }
+    snprintf(target, sizeof target, "%s%s",
+             strcmp(ci.network, "unix") == 0 ? "unix:" : "", ci.address);
+    creds = grpc_insecure_credentials_create();
+    ch = grpc_channel_create(target, creds, NULL);
+    grpc_channel_credentials_release(creds);
+    rc = sub_health(ch, res, sizeof res);
+    grpc_channel_destroy(ch);
+    say("%s %s", rc == 0 ? "OK" : "ERR", res);
+  } else if (strcmp(argv[0], "subserve") == 0 && argc == 3) {
+    report(sub_serve(argv[1], argv[2]), "subserve");
   } else if (strcmp(argv[0], "shutdown") == 0) {
     say("OK shutdown");
     sem_post(&stop_sem);
@@ -364,6 +444,7 @@ int main(int argc, char **argv) {
   pthread_rwlock_unlock(&mod_lock);
   rpcplugin_runtime_destroy(rt);
   grpc_server_destroy(server);
+  sub_stop();
   rpcplugin_manifest_free(m);
   grpc_shutdown_blocking();
   say("EXIT 0");
