@@ -232,29 +232,41 @@ static int m_get_stats(void *instance, rpcplugin_stats *out) {
   return 0;
 }
 
+#define MODULE_API_FIELDS(minor, size)                         \
+  .magic = RPCPLUGIN_MODULE_MAGIC, .abi_major = RPCPLUGIN_ABI_MAJOR, \
+  .abi_minor = (minor), .struct_size = (size), .flags = 0,       \
+  .abi_tag = RPCPLUGIN_ABI_TAG, .name = "rpcplugin-services",     \
+  .version = RPCPLUGIN_VERSION, .init = m_init,                   \
+  .register_services = m_register, .start = m_start,              \
+  .put_line = m_put_line, .shutdown = m_shutdown,                 \
+  .destroy = m_destroy, .get_stats = m_get_stats,                 \
+  .broker_advertise = rp_broker_advertise,                        \
+  .broker_wait_advertised = rp_broker_wait_advertised,            \
+  .broker_knock = rp_broker_knock,                                \
+  .broker_channel = rp_broker_channel,                            \
+  .broker_release_channel = rp_broker_release_channel
+
+#ifndef RPCPLUGIN_TEST_NEWER_MINOR
 static const rpcplugin_module_api module_api = {
-    .magic = RPCPLUGIN_MODULE_MAGIC,
-    .abi_major = RPCPLUGIN_ABI_MAJOR,
-    .abi_minor = RPCPLUGIN_ABI_MINOR,
-    .struct_size = sizeof(rpcplugin_module_api),
-    .flags = 0,
-    .abi_tag = RPCPLUGIN_ABI_TAG,
-    .name = "rpcplugin-services",
-    .version = RPCPLUGIN_VERSION,
-    .init = m_init,
-    .register_services = m_register,
-    .start = m_start,
-    .put_line = m_put_line,
-    .shutdown = m_shutdown,
-    .destroy = m_destroy,
-    .get_stats = m_get_stats,
-    .broker_advertise = rp_broker_advertise,
-    .broker_wait_advertised = rp_broker_wait_advertised,
-    .broker_knock = rp_broker_knock,
-    .broker_channel = rp_broker_channel,
-    .broker_release_channel = rp_broker_release_channel,
-};
+    MODULE_API_FIELDS(RPCPLUGIN_ABI_MINOR, sizeof(rpcplugin_module_api))};
 
 RP_EXPORT const rpcplugin_module_api *rpcplugin_module_entry(void) {
   return &module_api;
 }
+#else
+/* Built only for the loader's tests: the same module as a hypothetical
+ * newer minor would ship it, with entries this host does not know
+ * appended after the ones it does. */
+struct newer_api {
+  rpcplugin_module_api base;
+  void (*later[4])(void);
+};
+static const struct newer_api module_api = {
+    .base = {MODULE_API_FIELDS(RPCPLUGIN_ABI_MINOR + 1,
+                               sizeof(struct newer_api))},
+    .later = {NULL, NULL, NULL, NULL}};
+
+RP_EXPORT const rpcplugin_module_api *rpcplugin_module_entry(void) {
+  return &module_api.base;
+}
+#endif

@@ -154,12 +154,16 @@ static void push_chunk(rp_squeue *q, int channel, const uint8_t *p,
   }
 }
 
-/* Drop whole records from the head until `need` bytes are free. */
+/* Drop whole chunks from the head until `need` bytes are free (the rest
+ * of a chunk is dropped with its first piece, so no chunk is cut short by
+ * this policy). */
 static void drop_oldest(rp_squeue *q, size_t need) {
-  while (q->nrec > 0 && q->cap - q->used < need) {
+  int mid_chunk = 0;
+  while (q->nrec > 0 && (mid_chunk || q->cap - q->used < need)) {
     rec_hdr h = pop_one(q, NULL);
     q->dropped_bytes += h.len;
-    if (h.flags & F_LAST) q->dropped_chunks++;
+    mid_chunk = !(h.flags & F_LAST);
+    if (!mid_chunk) q->dropped_chunks++;
   }
 }
 

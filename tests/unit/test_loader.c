@@ -1,0 +1,226 @@
+/*
+ * test_loader.c - the loader refuses broken modules before calling them,
+ * with exact errors; a newer minor works; routes behave across instances
+ * (the basis of a swap).
+ *
+ *   test_loader FIXTURE_DIR MODULE_DIR
+ */
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <rpcplugin/host.h>
+
+#include "check.h"
+
+static char tmpdir[] = "/tmp/rp-loader-XXXXXX";
+static char marker[512];
+static const char *fixtures, *moddir;
+
+static grpc_server *server;
+static rpcplugin_runtime *rt;
+
+static void new_runtime(void) {
+  rpcplugin_runtime_options o;
+  rpcplugin_error err;
+  server = grpc_server_create(NULL, NULL);
+  memset(&o, 0, sizeof o);
+  o.struct_size = sizeof o;
+  o.server = server;
+  CHECK_EQ_INT(rpcplugin_runtime_create(&o, &rt, &err), 0);
+}
+
+static void end_runtime(void) {
+  rpcplugin_runtime_destroy(rt);
+  grpc_server_destroy(server);
+  rt = NULL;
+  server = NULL;
+}
+
+/* Write a manifest for `module` with `services` (JSON array text) and
+ * `config` (JSON object text or NULL); load it. */
+static int load(const char *module, const char *services, const char *config,
+                rpcplugin_module **mod, rpcplugin_error *err) {
+  char path[600];
+  FILE *f;
+  rpcplugin_manifest *m = NULL;
+  int rc;
+  snprintf(path, sizeof path, "%s/m.json", tmpdir);
+  f = fopen(path, "w");
+  fprintf(f,
+          "{\"manifest_version\": 1, \"name\": \"t\", \"module\": \"%s\", "
+          "\"abi_version\": \"1.0\", \"protocol_version\": 1, \"services\": "
+          "%s%s%s}",
+          module, services, config ? ", \"config\": " : "",
+          config ? config : "");
+  fclose(f);
+  rc = rpcplugin_manifest_load(path, &m, err);
+  CHECK_EQ_INT(rc, 0);
+  if (rc) return rc;
+  rc = rpcplugin_module_load(rt, m, NULL, mod, err);
+  rpcplugin_manifest_free(m);
+  return rc;
+}
+
+static int marker_exists(void) { return access(marker, F_OK) == 0; }
+
+static void expect_refused(const char *fixture, int code, const char *what) {
+  char module[600];
+  rpcplugin_module *mod = NULL;
+  rpcplugin_error err;
+  snprintf(module, sizeof module, "%s/%s", fixtures, fixture);
+  unlink(marker);
+  CHECK_EQ_INT(load(module, "[\"plugin.GRPCStdio\"]", NULL, &mod, &err), code);
+  CHECK(mod == NULL);
+  CHECK_CONTAINS(err.message, what);
+  CHECK_CONTAINS(err.message, module);
+  CHECK(!marker_exists()); /* no entry past the header was called */
+}
+
+static void test_refused(void) {
+  new_runtime();
+  expect_refused("fake_major2.so", RPCPLUGIN_EABI,
+                 "ABI major mismatch (host ABI 1.0, module ABI 2.0)");
+  expect_refused("fake_no_entry.so", RPCPLUGIN_ENOSYM,
+                 "no entry point rpcplugin_module_entry in");
+  expect_refused("fake_bad_magic.so", RPCPLUGIN_EABI, "bad magic");
+  expect_refused("fake_bad_tag.so", RPCPLUGIN_EABI,
+                 "build mismatch (host \"" RPCPLUGIN_ABI_TAG
+                 "\", module \"x86_64-ptr8;grpc-core 0.0.0-other\")");
+  expect_refused("fake_small.so", RPCPLUGIN_EABI, "vtable of 96 bytes");
+  end_runtime();
+}
+
+static void test_files(void) {
+  rpcplugin_module *mod = NULL;
+  rpcplugin_error err;
+  char path[600], module[600];
+  int fd, in, n;
+  char buf[65536];
+  new_runtime();
+
+  /* A bare name nobody has: every folder tried is named. */
+  CHECK_EQ_INT(load("nope.so", "[\"plugin.GRPCStdio\"]", NULL, &mod, &err),
+               RPCPLUGIN_ENOENT);
+  CHECK_CONTAINS(err.message, "field \"module\": \"nope.so\" not found");
+  CHECK_CONTAINS(err.message, tmpdir);
+
+  /* Not a shared object. */
+  snprintf(path, sizeof path, "%s/text.so", tmpdir);
+  fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  CHECK(write(fd, "hello\n", 6) == 6);
+  close(fd);
+  CHECK_EQ_INT(load(path, "[\"plugin.GRPCStdio\"]", NULL, &mod, &err),
+               RPCPLUGIN_EDLOPEN);
+  CHECK_CONTAINS(err.message, "cannot load module");
+  CHECK_CONTAINS(err.message, path);
+
+  /* A copy of the real module that everyone may write: refused. */
+  snprintf(module, sizeof module, "%s/rpcplugin_services.so", moddir);
+  snprintf(path, sizeof path, "%s/open.so", tmpdir);
+  in = open(module, O_RDONLY);
+  fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0755);
+  while ((n = (int)read(in, buf, sizeof buf)) > 0)
+    CHECK(write(fd, buf, (size_t)n) == n);
+  close(in);
+  close(fd);
+  chmod(path, 0777);
+  CHECK_EQ_INT(load(path, "[\"plugin.GRPCStdio\"]", NULL, &mod, &err),
+               RPCPLUGIN_EREFUSED);
+  CHECK_CONTAINS(err.message, "writable by everyone");
+
+  /* The real module refuses a bad config, naming the manifest and field. */
+  CHECK_EQ_INT(load(module, "[\"plugin.GRPCStdio\"]",
+                    "{\"stdio\": {\"overflow\": 1}}", &mod, &err),
+               RPCPLUGIN_ECONFIG);
+  CHECK_CONTAINS(err.message, "m.json");
+  CHECK_CONTAINS(err.message, "config.stdio.overflow");
+  end_runtime();
+}
+
+static void test_newer_minor(void) {
+  rpcplugin_module *mod = NULL;
+  rpcplugin_error err;
+  char module[600];
+  const rpcplugin_module_api *api;
+  rpcplugin_stats st;
+  new_runtime();
+  snprintf(module, sizeof module, "%s/rpcplugin_services_newer.so", fixtures);
+  CHECK_EQ_INT(load(module, "[\"plugin.GRPCStdio\", \"grpc.health.v1.Health\"]",
+                    NULL, &mod, &err),
+               0);
+  if (mod == NULL) {
+    fprintf(stderr, "%s\n", err.message);
+    end_runtime();
+    return;
+  }
+  api = rpcplugin_module_api_of(mod);
+  CHECK_EQ_INT(api->abi_minor, RPCPLUGIN_ABI_MINOR + 1);
+  CHECK(api->struct_size > sizeof(rpcplugin_module_api));
+  CHECK_EQ_INT(rpcplugin_module_put_line(mod, RPCPLUGIN_STDOUT, "x\n", 2), 0);
+  memset(&st, 0, sizeof st);
+  st.struct_size = sizeof st;
+  CHECK_EQ_INT(rpcplugin_module_get_stats(mod, &st), 0);
+  CHECK_EQ_INT(st.stdio_queued_chunks, 1);
+  CHECK_EQ_INT(rpcplugin_module_unload(mod), 0);
+  end_runtime();
+}
+
+/* Routes: a second instance cannot take a method the first serves; a
+ * method that was never registered cannot be added after start; after
+ * the first instance is unloaded a new one takes its methods on the live
+ * server (the mechanics a swap is made of). */
+static void test_routes(void) {
+  rpcplugin_module *a = NULL, *b = NULL;
+  rpcplugin_error err;
+  char module[600];
+  grpc_server_credentials *creds;
+  char addr[600];
+  new_runtime();
+  snprintf(module, sizeof module, "%s/rpcplugin_services.so", moddir);
+  snprintf(addr, sizeof addr, "unix:%s/s.sock", tmpdir);
+  creds = grpc_insecure_server_credentials_create();
+  CHECK(grpc_server_add_http2_port(server, addr, creds) > 0);
+  grpc_server_credentials_release(creds);
+  CHECK_EQ_INT(load(module, "[\"grpc.health.v1.Health\"]", NULL, &a, &err), 0);
+  CHECK_EQ_INT(load(module, "[\"grpc.health.v1.Health\"]", NULL, &b, &err),
+               RPCPLUGIN_EEXIST);
+  CHECK_CONTAINS(err.message, "/grpc.health.v1.Health/Check is already served");
+  grpc_server_start(server);
+  CHECK_EQ_INT(rpcplugin_runtime_start(rt, &err), 0);
+  CHECK_EQ_INT(load(module, "[\"plugin.GRPCStdio\"]", NULL, &b, &err),
+               RPCPLUGIN_ESTATE);
+  CHECK_CONTAINS(err.message, "the server already started");
+  CHECK_EQ_INT(rpcplugin_module_unload(a), 0);
+  CHECK_EQ_INT(load(module, "[\"grpc.health.v1.Health\"]", NULL, &b, &err), 0);
+  CHECK(b != NULL);
+  end_runtime(); /* unloads b */
+}
+
+int main(int argc, char **argv) {
+  if (argc != 3) {
+    fprintf(stderr, "usage: test_loader FIXTURE_DIR MODULE_DIR\n");
+    return 2;
+  }
+  fixtures = argv[1];
+  moddir = argv[2];
+  if (mkdtemp(tmpdir) == NULL) return 2;
+  snprintf(marker, sizeof marker, "%s/called", tmpdir);
+  setenv("RP_FAKE_MARKER", marker, 1);
+  grpc_init();
+  test_refused();
+  test_files();
+  test_newer_minor();
+  test_routes();
+  grpc_shutdown_blocking();
+  {
+    char cmd[700];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
+    if (system(cmd) != 0) fprintf(stderr, "cannot remove %s\n", tmpdir);
+  }
+  return check_report("test_loader");
+}
