@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The project's test command (README): installs what is missing, then runs
+# every test: unit (ctest), integration and interop (Python grpcio, Go
+# go-plugin v1.0.1, Node grpc-js), the same suite under ASan+UBSan, the
+# stdio queue under TSan, and one integration case under valgrind memcheck.
+#
+#   tests/run.sh            everything
+#   RP_STAGES="unit py" tests/run.sh    a subset (unit py go node asan tsan valgrind)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+STAGES=${RP_STAGES:-"unit py go node asan tsan valgrind"}
+PY=/usr/bin/python3
+JOBS=$(nproc 2>/dev/null || echo 2)
+T0=$(date +%s)
+
+stage() { printf '\n=== %s (%ss)\n' "$*" "$(( $(date +%s) - T0 ))"; }
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+
+build() { # build DIR [cmake args...]
+  local dir=$1; shift
+  cmake -S "$ROOT" -B "$dir" -DRPCPLUGIN_BENCH=OFF "$@" >/dev/null
+  cmake --build "$dir" -j"$JOBS" >/dev/null
+}
+
+pytest_run() { # pytest_run BUILD_DIR [pytest args...]
+  local dir=$1; shift
+  (cd "$ROOT/tests/integration" && RP_BUILD="$dir" \
+     $PY -m pytest -q -p no:cacheprovider "$@")
+}
+
+stage "dependencies"
+scripts/install-deps.sh test
+
+stage "build (RelWithDebInfo)"
+build "$ROOT/build" -DCMAKE_BUILD_TYPE=RelWithDebInfo
+
+if has unit; then
+  stage "unit tests (ctest)"
+  (cd build && ctest --output-on-failure -j"$JOBS")
+  stage "exported symbols"
+  n=$(nm -D --defined-only build/lib/rpcplugin_services.so | awk '$2 ~ /[TtWw]/' | wc -l)
+  nm -D --defined-only build/lib/rpcplugin_services.so
+  [ "$n" -eq 1 ] || { echo "module exports $n functions, expected 1"; exit 1; }
+fi
+
+if has go && [ -x tests/go/build.sh ]; then
+  stage "Go interop programs (go-plugin v1.0.1, GOPATH mode)"
+  tests/go/build.sh "$ROOT/build/go"
+  export RP_GO_BIN="$ROOT/build/go/bin"
+fi
+
+if has node && [ -f tests/node/package.json ]; then
+  stage "Node grpc-js client (npm)"
+  (cd tests/node && npm install --no-audit --no-fund --loglevel=error)
+  export RP_NODE_DIR="$ROOT/tests/node"
+fi
+
+if has py; then
+  stage "integration and interop tests"
+  pytest_run "$ROOT/build"
+fi
+
+if has asan; then
+  stage "build with AddressSanitizer + UndefinedBehaviorSanitizer"
+  build "$ROOT/build-asan" -DCMAKE_BUILD_TYPE=Debug -DRPCPLUGIN_SANITIZE=ON
+  export ASAN_OPTIONS=detect_leaks=1:abort_on_error=0:halt_on_error=1
+  export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+  export LSAN_OPTIONS=suppressions=$ROOT/tests/lsan.supp:print_suppressions=0
+  stage "unit tests under ASan+UBSan"
+  (cd build-asan && ctest --output-on-failure -j"$JOBS")
+  stage "integration tests under ASan+UBSan"
+  RP_SLOW=3 pytest_run "$ROOT/build-asan" -m "not slow"
+  unset ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS
+fi
+
+if has tsan; then
+  stage "stdio queue under ThreadSanitizer"
+  build "$ROOT/build-tsan" -DCMAKE_BUILD_TYPE=Debug -DRPCPLUGIN_TSAN=ON
+  TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/test_squeue
+fi
+
+if has valgrind; then
+  stage "valgrind memcheck: one integration case"
+  RP_SLOW=10 RP_WRAPPER="valgrind -q --leak-check=full \
+--errors-for-leak-kinds=definite --error-exitcode=99 \
+--suppressions=$ROOT/tests/valgrind.supp --log-file=$ROOT/build/valgrind-%p.log" \
+    pytest_run "$ROOT/build" -k "test_manifest_services and default" \
+      test_services.py
+  if grep -l "definitely lost" build/valgrind-*.log 2>/dev/null; then
+    cat build/valgrind-*.log; exit 1
+  fi
+  rm -f build/valgrind-*.log
+fi
+
+stage "all tests passed"
