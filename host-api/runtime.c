@@ -584,9 +584,10 @@ int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
   rt->state = RT_STOPPING;
   pthread_mutex_unlock(&rt->mu);
 
-  /* 1. Stop accepting: no new calls; calls in progress go on. */
-  if (was_started)
-    grpc_server_shutdown_and_notify(rt->server, rt->cq, &rt->shutdown_tag);
+  /* 1. Stop accepting: no new calls; calls in progress go on.  Also for a
+   * server that never started: gRPC refuses to destroy a server with
+   * listeners that was not shut down. */
+  grpc_server_shutdown_and_notify(rt->server, rt->cq, &rt->shutdown_tag);
 
   /* 2. Modules: streams flush and finish, everything else is cancelled.
    * They stay loaded (put_line now answers RPCPLUGIN_ESHUTDOWN) until
@@ -608,9 +609,10 @@ int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
     }
   }
 
-  /* 3. Whatever is left (the host's own calls, rejections). */
+  /* 3. Whatever is left (the host's own calls, rejections).  Without
+   * pollers the shutdown tag comes back in the drain below. */
+  grpc_server_cancel_all_calls(rt->server);
   if (was_started) {
-    grpc_server_cancel_all_calls(rt->server);
     pthread_mutex_lock(&rt->mu);
     while (!rt->server_down || rt->outstanding > 0)
       pthread_cond_wait(&rt->cv, &rt->mu);
