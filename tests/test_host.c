@@ -24,6 +24,8 @@
  *   subserve PATH MANIFEST serve MANIFEST's module on a second server at
  *                          unix:PATH (a target for the peer's Dial)
  *   shutdown               run the shutdown path
+ *   bg COMMAND             run COMMAND on a thread of its own; its reply
+ *                          comes later as "BGDONE <reply>"
  *
  * Signals SIGTERM and SIGINT also run the shutdown path.
  */
@@ -50,10 +52,14 @@ static pthread_rwlock_t mod_lock = PTHREAD_RWLOCK_INITIALIZER;
 static int stopping;
 static pthread_mutex_t out_mu = PTHREAD_MUTEX_INITIALIZER;
 
+/* Set on threads running a "bg" command: their replies are events. */
+static __thread int in_bg;
+
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...) {
   va_list ap;
   pthread_mutex_lock(&out_mu);
+  if (in_bg) fputs("BGDONE ", stdout);
   va_start(ap, fmt);
   vprintf(fmt, ap);
   va_end(ap);
@@ -356,10 +362,32 @@ static void command(char *line) {
   }
 }
 
+static void *bg_thread(void *arg) {
+  char *line = arg;
+  in_bg = 1;
+  pthread_rwlock_rdlock(&mod_lock);
+  if (!stopping) command(line);
+  pthread_rwlock_unlock(&mod_lock);
+  free(line);
+  return NULL;
+}
+
 static void *command_thread(void *arg) {
   char line[1 << 16];
   (void)arg;
   while (fgets(line, sizeof line, stdin)) {
+    if (strncmp(line, "bg ", 3) == 0) {
+      pthread_t t;
+      char *copy = strdup(line + 3);
+      if (copy && pthread_create(&t, NULL, bg_thread, copy) == 0) {
+        pthread_detach(t);
+        say("OK bg");
+      } else {
+        free(copy);
+        say("ERR RPCPLUGIN_ENOMEM bg");
+      }
+      continue;
+    }
     pthread_rwlock_rdlock(&mod_lock);
     if (!stopping) command(line);
     pthread_rwlock_unlock(&mod_lock);
