@@ -20,13 +20,16 @@
  * everything is validated before any connection attempt, and no name is
  * ever resolved.
  *
- * Replies leave each stream in request order.  A knock waiting for READY
- * holds back the replies of later messages on its stream (they are
- * processed at once, their replies queue behind it) and never stalls
- * another stream.  Every stream's reply queue is bounded: at
- * max_pending_per_stream queued replies a further knock-open is refused
- * with an error reply, and at twice that the stream stops reading until it
- * drains.
+ * Each stream handles its messages strictly one after another: a knock
+ * waiting for READY holds back the later messages of its own stream (they
+ * wait, received, in an input queue), so every message sees the effect of
+ * the ones before it (a close right behind a knock closes the subchannel
+ * the knock opened) and replies leave in request order.  Other streams are
+ * never stalled.  Both queues of a stream are bounded: with
+ * max_pending_per_stream messages received and not yet answered, a further
+ * message is refused with an error reply (in its turn), and at twice that
+ * the stream stops reading until it drains, so HTTP/2 flow control pushes
+ * back on the peer.
  *
  * Subchannels belong to the broker, not to a stream, and are closed at
  * shutdown.  A channel lent to the host (broker_channel) is destroyed only
@@ -68,11 +71,22 @@ struct bitem {
   uint32_t id;
 };
 
+/* A received message waiting for its turn (or a refusal, kept in order). */
+typedef struct inmsg {
+  struct inmsg *next;
+  Plugin__ConnInfo *m; /* NULL: refuse with `why` */
+  uint32_t id;
+  const char *why;
+} inmsg;
+
 struct bstream {
   rp_call *c;
   bstream *prev, *next;
-  bitem *head, *tail;
+  bitem *head, *tail; /* replies, in request order */
   size_t nitems;
+  inmsg *in_head, *in_tail; /* received, not yet handled */
+  size_t nin;
+  int waiting; /* a knock of this stream waits for READY */
   int sending, paused, half_closed, closed, finishing, finished;
 };
 
@@ -240,14 +254,15 @@ static void pump_locked(rp_broker *b, bstream *st, actions *a) {
       free(it);
       st->sending = 1;
       actions_add(a, st, bb, 0, 0);
-    } else if (st->head == NULL && (st->half_closed || b->stopping)) {
+    } else if (st->head == NULL && st->in_head == NULL &&
+               (st->half_closed || b->stopping)) {
       st->finishing = 1;
       actions_add(a, st, NULL, 1, 0);
       return;
     }
   }
   if (st->paused && !st->half_closed && !b->stopping &&
-      st->nitems < cfg->broker.max_pending_per_stream) {
+      st->nitems + st->nin < cfg->broker.max_pending_per_stream) {
     st->paused = 0;
     actions_add(a, st, NULL, 0, 1);
   }
@@ -320,7 +335,10 @@ static void free_sub_if_done(rp_broker *b, sub *s) {
   free(s);
 }
 
-/* Resolve every reply waiting for s's connect. */
+static void process_locked(rp_broker *b, bstream *st, actions *a);
+
+/* Resolve every reply waiting for s's connect; their streams go on with
+ * the messages that waited behind them. */
 static void resolve_waiters(rp_broker *b, sub *s, int ok, const char *why,
                             actions *a) {
   bitem *it = s->waiting, *next;
@@ -336,6 +354,8 @@ static void resolve_waiters(rp_broker *b, sub *s, int ok, const char *why,
       free(it);
       continue;
     }
+    it->st->waiting = 0;
+    process_locked(b, it->st, a);
     pump_locked(b, it->st, a);
   }
 }
@@ -499,11 +519,8 @@ static void open_sub(rp_broker *b, bstream *st, const Plugin__ConnInfo *m,
     queue_ready(b, st, conninfo(s->id, NULL, NULL, 1, 1, 1, NULL), s->id);
     return;
   }
-  if (st->nitems >= cfg->broker.max_pending_per_stream) {
-    snprintf(whybuf, sizeof whybuf,
-             "too many pending messages on this stream (limit %u)",
-             cfg->broker.max_pending_per_stream);
-    queue_ready(b, st, error_reply(b, m->service_id, whybuf),
+  if (b->stopping) {
+    queue_ready(b, st, error_reply(b, m->service_id, "plugin is shutting down"),
                 m->service_id);
     return;
   }
@@ -568,6 +585,7 @@ static void open_sub(rp_broker *b, bstream *st, const Plugin__ConnInfo *m,
   item_push(st, it);
   it->wnext = s->waiting;
   s->waiting = it;
+  st->waiting = 1;
 }
 
 static void close_request(rp_broker *b, bstream *st,
@@ -663,12 +681,48 @@ static void handle(rp_broker *b, bstream *st, const Plugin__ConnInfo *m,
 
 /* ------------------------------------------------------- call events */
 
+/* Handle queued messages until one has to wait for a connect. */
+static void process_locked(rp_broker *b, bstream *st, actions *a) {
+  while (!st->waiting && !st->closed && st->in_head) {
+    inmsg *x = st->in_head;
+    st->in_head = x->next;
+    if (st->in_head == NULL) st->in_tail = NULL;
+    st->nin--;
+    if (x->m) {
+      handle(b, st, x->m, a);
+      rp_msg_free(&x->m->base);
+    } else {
+      queue_ready(b, st, error_reply(b, x->id, x->why), x->id);
+    }
+    free(x);
+  }
+}
+
+static void in_push(bstream *st, Plugin__ConnInfo *m, uint32_t id,
+                    const char *why) {
+  inmsg *x = calloc(1, sizeof *x);
+  if (x == NULL) { /* cannot keep it in order: answer nothing, count it */
+    if (m) rp_msg_free(&m->base);
+    return;
+  }
+  x->m = m;
+  x->id = id;
+  x->why = why;
+  if (st->in_tail)
+    st->in_tail->next = x;
+  else
+    st->in_head = x;
+  st->in_tail = x;
+  st->nin++;
+}
+
 static void recv_done(rp_call *c, int ok) {
   bstream *st = c->svc;
   rp_broker *b = c->inst->broker;
   grpc_byte_buffer *bb = c->recv_buf;
   Plugin__ConnInfo *m = NULL;
   actions a = {0};
+  size_t max = b->inst->cfg.broker.max_pending_per_stream;
   int end = !ok || bb == NULL; /* the client's side is over */
   c->recv_buf = NULL;
   if (!end) {
@@ -680,21 +734,25 @@ static void recv_done(rp_call *c, int ok) {
     st->half_closed = 1;
   } else {
     b->messages_in++;
-    if (m == NULL)
-      queue_ready(b, st,
-                  error_reply(b, 0, "cannot decode plugin.ConnInfo"), 0);
-    else
-      handle(b, st, m, &a);
+    if (m == NULL) {
+      in_push(st, NULL, 0, "cannot decode plugin.ConnInfo");
+    } else if (st->nitems + st->nin >= max) {
+      in_push(st, NULL, m->service_id,
+              "too many pending messages on this stream");
+      rp_msg_free(&m->base);
+    } else {
+      in_push(st, m, 0, NULL);
+    }
+    process_locked(b, st, &a);
     if (!st->closed && !b->stopping) {
-      if (st->nitems >= 2 * (size_t)b->inst->cfg.broker.max_pending_per_stream)
-        st->paused = 1; /* resumed by pump_locked as replies drain */
+      if (st->nitems + st->nin >= 2 * max)
+        st->paused = 1; /* resumed by pump_locked as the queues drain */
       else
         actions_add(&a, st, NULL, 0, 1);
     }
   }
   pump_locked(b, st, &a);
   pthread_mutex_unlock(&b->mu);
-  if (m) rp_msg_free(&m->base);
   run_actions(b, &a);
 }
 
@@ -747,6 +805,14 @@ static void closed(rp_call *c, int ok) {
   }
   st->head = st->tail = NULL;
   st->nitems = 0;
+  while (st->in_head) {
+    inmsg *x = st->in_head;
+    st->in_head = x->next;
+    if (x->m) rp_msg_free(&x->m->base);
+    free(x);
+  }
+  st->in_tail = NULL;
+  st->nin = 0;
   pthread_cond_broadcast(&b->cv);
   pthread_mutex_unlock(&b->mu);
   rp_call_unref(c);

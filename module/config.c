@@ -19,7 +19,7 @@ void rp_config_defaults(rp_config *c) {
   c->stdio.coalesce_bytes = 0;
   c->stdio.flush_deadline_ms = 1000;
   c->broker.max_subchannels = 128;
-  c->broker.max_pending_per_stream = 1024;
+  c->broker.max_pending_per_stream = 4096;
   c->broker.connect_timeout_ms = 5000;
   c->broker.allow_unix = 1;
   c->broker.allow_tcp = 1;

@@ -47,14 +47,15 @@ def manifest_services(path):
 class Host:
     """A running test_host: send commands, watch events, connect clients."""
 
-    def __init__(self, manifest, tmpdir, address=None, env=None):
+    def __init__(self, manifest, tmpdir, address=None, env=None, wrapper=""):
         self.sock = os.path.join(tmpdir, "host.sock")
         self.address = address or "unix:" + self.sock
         e = dict(os.environ)
         e["RPCPLUGIN_MODULE_PATH"] = os.path.join(BUILD, "lib")
         if env:
             e.update(env)
-        cmd = shlex.split(os.environ.get("RP_WRAPPER", "")) + [
+        cmd = shlex.split(wrapper) + shlex.split(
+            os.environ.get("RP_WRAPPER", "")) + [
             os.path.join(BUILD, "tests", "test_host"), manifest, self.address]
         self.stderr_path = os.path.join(tmpdir, "host.stderr")
         self._stderr = open(self.stderr_path, "w")
