@@ -5,11 +5,12 @@
 # stdio queue under TSan, and one integration case under valgrind memcheck.
 #
 #   tests/run.sh            everything
-#   RP_STAGES="unit py" tests/run.sh    a subset (unit py go node asan tsan valgrind)
+#   RP_STAGES="unit py" tests/run.sh    a subset (unit py go node asan tsan valgrind fuzz)
+#   RP_FUZZ_SECONDS=20                   time per fuzz target
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-STAGES=${RP_STAGES:-"unit py go node asan tsan valgrind"}
+STAGES=${RP_STAGES:-"unit py go node asan tsan valgrind fuzz"}
 PY=/usr/bin/python3
 JOBS=$(nproc 2>/dev/null || echo 2)
 T0=$(date +%s)
@@ -91,6 +92,24 @@ if has valgrind; then
     cat build/valgrind-*.log; exit 1
   fi
   rm -f build/valgrind-*.log
+fi
+
+if has fuzz; then
+  stage "libFuzzer (clang, ASan+UBSan): manifest, config, codec, stdio queue"
+  CC=clang cmake -S "$ROOT" -B "$ROOT/build-fuzz" -DRPCPLUGIN_BENCH=OFF \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRPCPLUGIN_FUZZ=ON >/dev/null
+  cmake --build "$ROOT/build-fuzz" -j"$JOBS" --target fuzz_manifest \
+    fuzz_config fuzz_codec fuzz_squeue >/dev/null
+  corpus=$(mktemp -d)
+  mkdir -p "$corpus/manifest"
+  cp manifests/*.json "$corpus/manifest/"
+  for t in manifest config codec squeue; do
+    mkdir -p "$corpus/$t"
+    (cd "$corpus" && "$ROOT/build-fuzz/tests/fuzz_$t" \
+       -max_total_time="${RP_FUZZ_SECONDS:-20}" -rss_limit_mb=2048 \
+       -print_final_stats=0 "$corpus/$t" 2>&1 | grep -E "^(Done|==.*ERROR|SUMMARY)")
+  done
+  rm -rf "$corpus"
 fi
 
 stage "all tests passed"
