@@ -83,7 +83,6 @@ void rp_call_unref(rp_call *c) {
   rp_instance *inst;
   if (atomic_fetch_sub(&c->refs, 1) != 1) return;
   inst = c->inst;
-  if (c->on_free) c->on_free(c);
   pthread_mutex_lock(&inst->mu);
   if (c->prev)
     c->prev->next = c->next;

@@ -32,7 +32,6 @@ struct rp_call {
   grpc_call *call;
   atomic_int refs;
   void *svc;                   /* service state, freed with the call */
-  void (*on_free)(rp_call *c); /* optional, before the call is freed */
 
   rp_op send_op, recv_op, finish_op, close_op;
   int md_sent;
