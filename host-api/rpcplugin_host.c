@@ -1,0 +1,1024 @@
+/*
+ * rpcplugin_host.c - rpcplugin-host, the reference host (SPEC section 6):
+ * makes a process a go-plugin plugin by serving a manifest's module.
+ *
+ *   rpcplugin-host [OPTIONS] MANIFEST [-- COMMAND [ARG...]]
+ *
+ * Startup, in the order a go-plugin client sees it:
+ *   1. the magic cookie (go-plugin's message and exit 1 when it is wrong),
+ *      then the app protocol version: the highest --app-version the client
+ *      lists in PLUGIN_PROTOCOL_VERSIONS, else the lowest one (go-plugin's
+ *      fallback: the client then reports the mismatch itself);
+ *   2. the manifest, the AutoMTLS certificate when PLUGIN_CLIENT_CERT is set,
+ *      the gRPC server (unix socket in a fresh 0700 directory, or tcp on
+ *      127.0.0.1 within PLUGIN_MIN_PORT..PLUGIN_MAX_PORT), the runtime and
+ *      the module;
+ *   3. the handshake line "1|APP|NETWORK|ADDRESS|grpc[|CERT]", written to
+ *      stdout with one write(2);
+ *   4. fds 1 and 2 become pipes read by host_pipes.c and fed to put_line;
+ *      only then COMMAND starts, in its own process group, with stdin from
+ *      /dev/null and stdout/stderr on those pipes.  Neither the child nor
+ *      anything it starts ever holds the host's original stdout or stderr:
+ *      a go-plugin client waits for EOF on the plugin's stderr, so a
+ *      lingering grandchild holding it would stall the client's Kill().
+ *
+ * Then the main thread waits (signalfd + an eventfd the module's shutdown
+ * callback writes) for Shutdown, SIGTERM, SIGINT, SIGHUP or the child's exit,
+ * and runs one graceful path for all of them:
+ *   terminate the child's process group (SIGTERM, SIGKILL after
+ *   --kill-grace), stop holding the pipes, let the reader hand over what the
+ *   pipes hold (bounded), rpcplugin_runtime_shutdown (stop accepting, flush
+ *   stdio streams and finish them with OK, stop the module; a put_line still
+ *   blocked returns RPCPLUGIN_ESHUTDOWN), join the reader,
+ *   rpcplugin_runtime_destroy (dlclose), destroy the server, remove the
+ *   socket and its directory, exit 0.
+ *
+ * The host is a child subreaper, so orphaned descendants are reparented to
+ * it and reaped; the direct child also gets PR_SET_PDEATHSIG(SIGTERM) for
+ * the case the host itself is killed with SIGKILL.
+ *
+ * Host diagnostics ("rpcplugin-host: ...", the module's and gRPC's logs) go
+ * to the original stderr until the handshake, then into the stderr pipe
+ * through a non-blocking descriptor of their own (a full pipe drops a
+ * message rather than stall a gRPC thread), and to the original stderr again
+ * once the pipes are closed at shutdown.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <getopt.h>
+#include <limits.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <linux/close_range.h>
+#include <sys/eventfd.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <netinet/in.h>
+#include <arpa/inet.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <grpc/grpc.h>
+#include <grpc/grpc_security.h>
+#include <cjson/cJSON.h>
+#include <grpc/support/log.h>
+#include <rpcplugin/host.h>
+
+#include "host_tool.h"
+
+#define PROG "rpcplugin-host"
+#define MAX_VERSIONS 32
+#define MAX_MODULE_PATHS 16
+/* The whole graceful path must fit in go-plugin's 2 s grace period. */
+#define DEFAULT_KILL_GRACE_MS 500
+#define KILL_WAIT_MS 300 /* after SIGKILL */
+#define DRAIN_MS 200     /* reading what the pipes hold at shutdown */
+#define DRAIN_WAIT_MS 300
+
+#ifndef RPCPLUGIN_VERSION
+#define RPCPLUGIN_VERSION "unknown"
+#endif
+
+enum { NET_UNIX, NET_TCP };
+enum { R_NONE, R_SHUTDOWN, R_SIGNAL, R_CHILD };
+
+static struct {
+  /* options */
+  const char *cookie_key, *cookie_value;
+  int versions[MAX_VERSIONS];
+  size_t nversions;
+  int network;
+  int exit_with_child;
+  long kill_grace_ms;
+  const char *module_paths[MAX_MODULE_PATHS + 3];
+  size_t nmodule_paths;
+  int ignore_sigint;
+  int log_level;
+  const char *manifest_path;
+  char **command;
+
+  /* state */
+  _Atomic int diag_fd;    /* where host messages go now; -1: nowhere */
+  int orig_out, orig_err; /* private close-on-exec copies, or -1 */
+  int diag_nb;            /* non-blocking stderr-pipe descriptor, or -1 */
+  int fallback;           /* manifest without stdio: pipes go to orig fds */
+  int sig_fd, wake_fd;
+  rpcplugin_module *mod;
+  host_pipes *pipes;
+  pid_t child; /* 0: none */
+  int child_reaped;
+  int child_status;
+  char sock_dir[PATH_MAX];
+  char sock_path[PATH_MAX];
+  char exe_lib[2][PATH_MAX];
+} H;
+
+/* ----------------------------------------------------------- messages */
+
+static void say_fd(int fd, const char *prefix, const char *fmt, va_list ap) {
+  char buf[2048];
+  int n = snprintf(buf, sizeof buf, "%s", prefix), m;
+  m = vsnprintf(buf + n, sizeof buf - (size_t)n - 1, fmt, ap);
+  if (m < 0) return;
+  n += m;
+  if ((size_t)n > sizeof buf - 2) n = (int)sizeof buf - 2;
+  buf[n++] = '\n';
+  if (fd >= 0) (void)!write(fd, buf, (size_t)n);
+}
+
+/* A host message, one write(2), never blocking after the handshake. */
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void say(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  say_fd(atomic_load(&H.diag_fd), PROG ": ", fmt, ap);
+  va_end(ap);
+}
+
+/* Messages before the handshake may also be plain stderr. */
+static void early(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void early(const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  say_fd(2, PROG ": ", fmt, ap);
+  va_end(ap);
+}
+
+static void on_log(void *ud, int level, const char *msg) {
+  static const char *const names[] = {"error", "warning", "info", "debug"};
+  (void)ud;
+  if (level > H.log_level) return;
+  say("%s: %s", names[level < 0 ? 0 : level > 3 ? 3 : level], msg);
+}
+
+static void on_gpr_log(gpr_log_func_args *a) {
+  say("grpc %s %s:%d: %s", gpr_log_severity_string(a->severity), a->file,
+      a->line, a->message);
+}
+
+/* ------------------------------------------------------------- usage */
+
+static void usage(FILE *f) {
+  /* clang-format off */
+  fprintf(f,
+"Usage: " PROG " [OPTIONS] MANIFEST [-- COMMAND [ARG...]]\n"
+"\n"
+"Serve the go-plugin infrastructure services of MANIFEST's module (GRPCBroker,\n"
+"GRPCStdio, GRPCController, health) as a go-plugin plugin: check the magic\n"
+"cookie, negotiate the protocol version, listen, print the handshake line on\n"
+"stdout, then forward this process's stdout/stderr, and COMMAND's, to the\n"
+"client through GRPCStdio.  Exits 0 after Shutdown, SIGTERM, SIGINT, SIGHUP\n"
+"or (by default) the end of COMMAND.\n"
+"\n"
+"Options (before MANIFEST):\n"
+"  --magic-cookie KEY=VALUE  refuse to run (exit 1) unless the environment\n"
+"                            has KEY=VALUE, with go-plugin's message\n"
+"  --app-version N[,N...]    app protocol version(s) served (default 1)\n"
+"  --network unix|tcp        unix socket in a private directory (default), or\n"
+"                            tcp on 127.0.0.1\n"
+"  --exit-with-child         exit when COMMAND exits (default)\n"
+"  --no-exit-with-child      keep serving after COMMAND exits\n"
+"  --kill-grace MS           SIGTERM-to-SIGKILL time for COMMAND's process\n"
+"                            group at exit (default %d)\n"
+"  --module-path DIR         look for the manifest's module in DIR too\n"
+"  --ignore-sigint           ignore SIGINT, as go-plugin's own plugins do\n"
+"  -v, --verbose             more host and module messages (twice: debug)\n"
+"  -h, --help                this help\n"
+"  -V, --version             version information\n"
+"\n"
+"COMMAND runs in its own process group, stdin from /dev/null.  Output waits in\n"
+"the module's bounded queue until a client calls StreamStdio; the manifest's\n"
+"config.stdio.overflow decides what a full queue does (manifests/host.json:\n"
+"drop the oldest, so clients that never read, like go-plugin < 1.3, never\n"
+"block COMMAND; \"block\": COMMAND waits, as on a pipe).\n"
+"\n"
+"Environment (go-plugin's): PLUGIN_PROTOCOL_VERSIONS, PLUGIN_MIN_PORT,\n"
+"PLUGIN_MAX_PORT, PLUGIN_UNIX_SOCKET_DIR, PLUGIN_CLIENT_CERT (AutoMTLS);\n"
+"RPCPLUGIN_MODULE_PATH (module search path), TMPDIR.\n",
+          DEFAULT_KILL_GRACE_MS);
+  /* clang-format on */
+}
+
+static int parse_long(const char *s, long lo, long hi, long *out) {
+  char *end;
+  long v;
+  errno = 0;
+  v = strtol(s, &end, 10);
+  if (errno || end == s || *end || v < lo || v > hi) return -1;
+  *out = v;
+  return 0;
+}
+
+static int add_versions(const char *s) {
+  char *copy = strdup(s), *save = NULL, *tok;
+  int rc = 0;
+  if (copy == NULL) return -1;
+  for (tok = strtok_r(copy, ",", &save); tok;
+       tok = strtok_r(NULL, ",", &save)) {
+    long v;
+    if (parse_long(tok, 0, INT_MAX, &v) || H.nversions == MAX_VERSIONS) {
+      rc = -1;
+      break;
+    }
+    H.versions[H.nversions++] = (int)v;
+  }
+  if (tok == NULL && H.nversions == 0) rc = -1;
+  free(copy);
+  return rc;
+}
+
+/* Returns -1 to go on, else an exit code. */
+static int parse_args(int argc, char **argv) {
+  enum {
+    O_COOKIE = 256,
+    O_APPVER,
+    O_NET,
+    O_EXIT,
+    O_NOEXIT,
+    O_GRACE,
+    O_MODPATH,
+    O_NOSIGINT
+  };
+  static const struct option longopts[] = {
+      {"magic-cookie", required_argument, NULL, O_COOKIE},
+      {"app-version", required_argument, NULL, O_APPVER},
+      {"network", required_argument, NULL, O_NET},
+      {"exit-with-child", no_argument, NULL, O_EXIT},
+      {"no-exit-with-child", no_argument, NULL, O_NOEXIT},
+      {"kill-grace", required_argument, NULL, O_GRACE},
+      {"module-path", required_argument, NULL, O_MODPATH},
+      {"ignore-sigint", no_argument, NULL, O_NOSIGINT},
+      {"verbose", no_argument, NULL, 'v'},
+      {"help", no_argument, NULL, 'h'},
+      {"version", no_argument, NULL, 'V'},
+      {NULL, 0, NULL, 0}};
+  int c, rest;
+  long v;
+
+  H.network = NET_UNIX;
+  H.exit_with_child = 1;
+  H.kill_grace_ms = DEFAULT_KILL_GRACE_MS;
+  H.log_level = RPCPLUGIN_LOG_WARN;
+  opterr = 0;
+  /* "+": options end at MANIFEST, so COMMAND's own options stay its own. */
+  while ((c = getopt_long(argc, argv, "+vhV", longopts, NULL)) != -1) {
+    switch (c) {
+      case O_COOKIE: {
+        char *eq = strchr(optarg, '=');
+        if (eq == NULL || eq == optarg) {
+          early("--magic-cookie: expected KEY=VALUE, got \"%s\"", optarg);
+          return 2;
+        }
+        *eq = '\0';
+        H.cookie_key = optarg;
+        H.cookie_value = eq + 1;
+        break;
+      }
+      case O_APPVER:
+        if (add_versions(optarg)) {
+          early(
+              "--app-version: expected N[,N...] (at most %d versions, "
+              "each 0..%d), got \"%s\"",
+              MAX_VERSIONS, INT_MAX, optarg);
+          return 2;
+        }
+        break;
+      case O_NET:
+        if (strcmp(optarg, "unix") == 0)
+          H.network = NET_UNIX;
+        else if (strcmp(optarg, "tcp") == 0)
+          H.network = NET_TCP;
+        else {
+          early("--network: expected unix or tcp, got \"%s\"", optarg);
+          return 2;
+        }
+        break;
+      case O_EXIT:
+        H.exit_with_child = 1;
+        break;
+      case O_NOEXIT:
+        H.exit_with_child = 0;
+        break;
+      case O_GRACE:
+        if (parse_long(optarg, 0, 60000, &v)) {
+          early("--kill-grace: expected milliseconds 0..60000, got \"%s\"",
+                optarg);
+          return 2;
+        }
+        H.kill_grace_ms = v;
+        break;
+      case O_MODPATH:
+        if (H.nmodule_paths == MAX_MODULE_PATHS) {
+          early("--module-path: at most %d folders", MAX_MODULE_PATHS);
+          return 2;
+        }
+        H.module_paths[H.nmodule_paths++] = optarg;
+        break;
+      case O_NOSIGINT:
+        H.ignore_sigint = 1;
+        break;
+      case 'v':
+        if (H.log_level < RPCPLUGIN_LOG_DEBUG) H.log_level++;
+        break;
+      case 'h':
+        usage(stdout);
+        return 0;
+      case 'V':
+        printf(PROG " %s (rpcplugin ABI %d.%d, gRPC core %s)\n",
+               RPCPLUGIN_VERSION, RPCPLUGIN_ABI_MAJOR, RPCPLUGIN_ABI_MINOR,
+               grpc_version_string());
+        return 0;
+      default:
+        if (optopt)
+          early("unknown option -%c (try --help)", optopt);
+        else
+          early("unknown or incomplete option \"%s\" (try --help)",
+                argv[optind - 1]);
+        return 2;
+    }
+  }
+  if (H.nversions == 0) H.versions[H.nversions++] = 1;
+  rest = argc - optind;
+  if (rest < 1) {
+    early("missing MANIFEST (try --help)");
+    return 2;
+  }
+  H.manifest_path = argv[optind];
+  if (rest >= 2) {
+    if (strcmp(argv[optind + 1], "--") != 0) {
+      early(
+          "unexpected \"%s\" after MANIFEST: options go before MANIFEST, "
+          "and COMMAND after \"--\"",
+          argv[optind + 1]);
+      return 2;
+    }
+    if (rest < 3) {
+      early("\"--\" must be followed by COMMAND");
+      return 2;
+    }
+    H.command = &argv[optind + 2];
+  }
+  return -1;
+}
+
+/* ------------------------------------------------------ go-plugin env */
+
+static int check_cookie(void) {
+  const char *v;
+  if (H.cookie_key == NULL) return 0;
+  v = getenv(H.cookie_key);
+  if (v == NULL || strcmp(v, H.cookie_value) != 0) {
+    /* go-plugin's text, word for word. */
+    fprintf(stderr,
+            "This binary is a plugin. These are not meant to be executed "
+            "directly.\n"
+            "Please execute the program that consumes these plugins, which "
+            "will\n"
+            "load any plugins automatically\n");
+    return -1;
+  }
+  return 0;
+}
+
+static int cmp_int_desc(const void *a, const void *b) {
+  int x = *(const int *)a, y = *(const int *)b;
+  return (x < y) - (x > y);
+}
+
+/* go-plugin's protocolVersion(): the highest version both sides know, else
+ * the lowest of ours. */
+static int negotiate_version(void) {
+  const char *env = getenv("PLUGIN_PROTOCOL_VERSIONS");
+  int client[64];
+  size_t nclient = 0, i, j;
+  qsort(H.versions, H.nversions, sizeof H.versions[0], cmp_int_desc);
+  if (env && *env) {
+    char *copy = strdup(env), *save = NULL, *tok;
+    for (tok = copy ? strtok_r(copy, ",", &save) : NULL; tok;
+         tok = strtok_r(NULL, ",", &save)) {
+      long v;
+      if (parse_long(tok, INT_MIN, INT_MAX, &v)) {
+        early("PLUGIN_PROTOCOL_VERSIONS: ignoring invalid version \"%s\"", tok);
+        continue;
+      }
+      if (nclient < 64) client[nclient++] = (int)v;
+    }
+    free(copy);
+  }
+  for (i = 0; i < H.nversions; i++)
+    for (j = 0; j < nclient; j++)
+      if (client[j] == H.versions[i]) return H.versions[i];
+  if (nclient > 0) {
+    char ours[256] = "";
+    size_t used = 0;
+    for (i = 0; i < H.nversions && used + 16 < sizeof ours; i++)
+      used += (size_t)snprintf(ours + used, sizeof ours - used, "%s%d",
+                               i ? "," : "", H.versions[i]);
+    early(
+        "warning: no common app protocol version: the client accepts %s, "
+        "this plugin serves %s; announcing %d",
+        env, ours, H.versions[H.nversions - 1]);
+  }
+  return H.versions[H.nversions - 1];
+}
+
+/* PLUGIN_MIN_PORT / PLUGIN_MAX_PORT as go-plugin reads them. */
+static int port_range(long *lo, long *hi) {
+  const char *names[2] = {"PLUGIN_MIN_PORT", "PLUGIN_MAX_PORT"};
+  long *outs[2] = {lo, hi};
+  int i;
+  for (i = 0; i < 2; i++) {
+    const char *s = getenv(names[i]);
+    *outs[i] = 0;
+    if (s && *s && parse_long(s, 0, 65535, outs[i])) {
+      early("%s: expected a port number 0..65535, got \"%s\"", names[i], s);
+      return -1;
+    }
+  }
+  if (*lo > *hi) {
+    early("PLUGIN_MIN_PORT (%ld) is greater than PLUGIN_MAX_PORT (%ld)", *lo,
+          *hi);
+    return -1;
+  }
+  return 0;
+}
+
+/* ------------------------------------------------------------ listen */
+
+/* Would 127.0.0.1:port bind now?  Keeps gRPC from logging an error for
+ * every busy port of the range. */
+static int port_free(long port) {
+  struct sockaddr_in a;
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0), one = 1, ok;
+  if (fd < 0) return 1;
+  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  memset(&a, 0, sizeof a);
+  a.sin_family = AF_INET;
+  a.sin_port = htons((uint16_t)port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ok = bind(fd, (struct sockaddr *)&a, sizeof a) == 0;
+  close(fd);
+  return ok;
+}
+
+/* Add the listening port; fills addr (the handshake's NETWORK-ADDR). */
+static int listen_on(grpc_server *server, grpc_server_credentials *creds,
+                     char *addr, size_t addrlen) {
+  char target[PATH_MAX + 8];
+  if (H.network == NET_UNIX) {
+    const char *base = getenv("PLUGIN_UNIX_SOCKET_DIR");
+    struct sockaddr_un *su = NULL;
+    if (base == NULL || *base == '\0') base = getenv("TMPDIR");
+    if (base == NULL || *base == '\0') base = "/tmp";
+    if ((size_t)snprintf(H.sock_dir, sizeof H.sock_dir, "%s/rpcplugin-XXXXXX",
+                         base) >= sizeof H.sock_dir) {
+      early("socket directory name too long: %s", base);
+      H.sock_dir[0] = '\0';
+      return -1;
+    }
+    /* mkdtemp: a fresh directory, mode 0700. */
+    if (mkdtemp(H.sock_dir) == NULL) {
+      early("cannot create a socket directory in %s: %s", base,
+            strerror(errno));
+      H.sock_dir[0] = '\0';
+      return -1;
+    }
+    if ((size_t)snprintf(H.sock_path, sizeof H.sock_path, "%s/plugin.sock",
+                         H.sock_dir) >= sizeof su->sun_path) {
+      early(
+          "socket path %s is longer than a unix socket allows (%zu); set "
+          "PLUGIN_UNIX_SOCKET_DIR to a shorter folder",
+          H.sock_path, sizeof su->sun_path - 1);
+      return -1;
+    }
+    snprintf(target, sizeof target, "unix:%s", H.sock_path);
+    if (grpc_server_add_http2_port(server, target, creds) <= 0) {
+      early("cannot listen on %s", H.sock_path);
+      return -1;
+    }
+    snprintf(addr, addrlen, "%s", H.sock_path);
+    return 0;
+  } else {
+    long lo, hi, port;
+    if (port_range(&lo, &hi)) return -1;
+    for (port = lo; port <= hi; port++) {
+      int bound;
+      if (port != 0 && !port_free(port)) continue;
+      snprintf(target, sizeof target, "127.0.0.1:%ld", port);
+      bound = grpc_server_add_http2_port(server, target, creds);
+      if (bound > 0) {
+        snprintf(addr, addrlen, "127.0.0.1:%d", bound);
+        return 0;
+      }
+    }
+    early("cannot bind a tcp listener on 127.0.0.1 in ports %ld..%ld", lo, hi);
+    return -1;
+  }
+}
+
+static void remove_socket(void) {
+  if (H.sock_path[0]) unlink(H.sock_path);
+  if (H.sock_dir[0]) rmdir(H.sock_dir);
+  H.sock_path[0] = H.sock_dir[0] = '\0';
+}
+
+/* ------------------------------------------------------------- stdio */
+
+static int write_all(int fd, const void *data, size_t len) {
+  const char *p = data;
+  while (len > 0) {
+    ssize_t n = write(fd, p, len);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    p += n;
+    len -= (size_t)n;
+  }
+  return 0;
+}
+
+static int pipe_sink(void *ctx, int channel, const void *data, size_t len) {
+  (void)ctx;
+  if (H.fallback) {
+    int fd = channel == RPCPLUGIN_STDOUT ? H.orig_out : H.orig_err;
+    return write_all(fd, data, len) ? RPCPLUGIN_EIO : 0;
+  }
+  return rpcplugin_module_put_line(H.mod, channel, data, len);
+}
+
+/*
+ * The largest chunk the pipe reader hands to put_line: an eighth of the
+ * manifest's config.stdio.queue_bytes (the SPEC's stdio queue bound; the
+ * module's default is 8 MiB), between 256 bytes and 1 MiB.  The drop
+ * policies can only keep chunks smaller than the whole queue, and a few
+ * chunks in the queue at once keep the stream busy.
+ */
+static size_t stdio_chunk_bytes(const rpcplugin_manifest *m) {
+  double queue = 8 << 20;
+  cJSON *root = cJSON_Parse(rpcplugin_manifest_config_json(m));
+  const cJSON *stdio = cJSON_GetObjectItemCaseSensitive(root, "stdio");
+  const cJSON *qb = cJSON_GetObjectItemCaseSensitive(stdio, "queue_bytes");
+  size_t chunk;
+  if (cJSON_IsNumber(qb) && qb->valuedouble > 0) queue = qb->valuedouble;
+  cJSON_Delete(root);
+  chunk = (size_t)(queue / 8);
+  if (chunk < 256) chunk = 256;
+  if (chunk > (1u << 20)) chunk = 1u << 20;
+  return chunk;
+}
+
+/* After the handshake line: fds 1 and 2 become the pipes. */
+static int redirect_stdio(void) {
+  int w1 = host_pipes_write_fd(H.pipes, 1),
+      w2 = host_pipes_write_fd(H.pipes, 2);
+  if (dup2(w1, 1) < 0 || dup2(w2, 2) < 0) return -1;
+  host_pipes_close_write(H.pipes);
+  /* A descriptor of our own on the stderr pipe, non-blocking without
+   * touching the child's (O_NONBLOCK belongs to the open file). */
+  H.diag_nb = open("/proc/self/fd/2", O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+  atomic_store(&H.diag_fd, H.diag_nb >= 0 ? H.diag_nb : 2);
+  return 0;
+}
+
+/* At shutdown: stop holding the pipes' write ends. */
+static void release_stdio(void) {
+  int nul = open("/dev/null", O_WRONLY | O_CLOEXEC);
+  atomic_store(&H.diag_fd, H.orig_err);
+  if (nul >= 0) {
+    dup2(nul, 1);
+    dup2(nul, 2);
+    close(nul);
+  }
+  if (H.diag_nb >= 0) {
+    close(H.diag_nb);
+    H.diag_nb = -1;
+  }
+}
+
+/* ------------------------------------------------------------- child */
+
+static int64_t now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void report_child(void) {
+  int st = H.child_status;
+  if (WIFEXITED(st))
+    say("child %d (%s) exited with status %d", (int)H.child, H.command[0],
+        WEXITSTATUS(st));
+  else if (WIFSIGNALED(st))
+    say("child %d (%s) was killed by signal %d (%s)", (int)H.child,
+        H.command[0], WTERMSIG(st), strsignal(WTERMSIG(st)));
+}
+
+/* Reap every child that ended (orphans come to us: subreaper). */
+static void reap(void) {
+  for (;;) {
+    int st;
+    pid_t pid = waitpid(-1, &st, WNOHANG);
+    if (pid <= 0) break;
+    if (pid == H.child && !H.child_reaped) {
+      H.child_reaped = 1;
+      H.child_status = st;
+      report_child();
+    }
+  }
+}
+
+static pid_t spawn_child(void) {
+  int errp[2], nul, e = 0;
+  ssize_t n;
+  pid_t parent = getpid(), pid;
+  sigset_t none;
+
+  nul = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  if (nul < 0 || pipe2(errp, O_CLOEXEC) != 0) {
+    say("cannot run %s: %s", H.command[0], strerror(errno));
+    if (nul >= 0) close(nul);
+    return -1;
+  }
+  sigemptyset(&none);
+  pid = fork();
+  if (pid == 0) {
+    /* Only async-signal-safe calls from here to exec. */
+    setpgid(0, 0);
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (getppid() != parent) _exit(127);
+    if (dup2(nul, 0) < 0) goto fail;
+    /* Whatever the libraries opened without O_CLOEXEC stays ours. */
+    (void)close_range(3, ~0U, CLOSE_RANGE_CLOEXEC);
+    signal(SIGPIPE, SIG_DFL);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    execvp(H.command[0], H.command);
+  fail:
+    e = errno;
+    (void)!write(errp[1], &e, sizeof e);
+    _exit(127);
+  }
+  e = errno;
+  close(nul);
+  close(errp[1]);
+  if (pid < 0) {
+    close(errp[0]);
+    say("cannot run %s: fork: %s", H.command[0], strerror(e));
+    return -1;
+  }
+  setpgid(pid, pid); /* also from here: no window without the group */
+  H.child = pid;
+  do n = read(errp[0], &e, sizeof e);
+  while (n < 0 && errno == EINTR);
+  close(errp[0]);
+  if (n == (ssize_t)sizeof e)
+    say("cannot run %s: %s", H.command[0], strerror(e));
+  else if (H.log_level >= RPCPLUGIN_LOG_INFO)
+    say("started child %d (%s)", (int)pid, H.command[0]);
+  return pid;
+}
+
+/* Is anything left of the child's process group? */
+static int group_alive(void) {
+  if (H.child <= 0) return 0;
+  reap();
+  if (kill(-H.child, 0) == 0) return 1;
+  return errno == EPERM;
+}
+
+/* Wait for the group to end, reaping, until deadline (monotonic ms). */
+static int wait_group(int64_t deadline) {
+  while (group_alive()) {
+    struct pollfd pfd = {H.sig_fd, POLLIN, 0};
+    struct signalfd_siginfo si;
+    int64_t left = deadline - now_ms();
+    if (left <= 0) return 0;
+    /* SIGCHLD wakes us; the cap catches group members that are not our
+     * children. */
+    poll(&pfd, 1, left < 20 ? (int)left : 20);
+    while (read(H.sig_fd, &si, sizeof si) == (ssize_t)sizeof si) {
+    }
+  }
+  return 1;
+}
+
+static void terminate_group(void) {
+  if (!group_alive()) return;
+  kill(-H.child, SIGTERM);
+  kill(-H.child, SIGCONT);
+  if (wait_group(now_ms() + H.kill_grace_ms)) return;
+  say("child process group %d still running %ld ms after SIGTERM: sending "
+      "SIGKILL",
+      (int)H.child, H.kill_grace_ms);
+  kill(-H.child, SIGKILL);
+  if (!wait_group(now_ms() + KILL_WAIT_MS))
+    say("child process group %d did not end after SIGKILL", (int)H.child);
+}
+
+/* ---------------------------------------------------------- lifecycle */
+
+static int64_t now_us(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
+}
+
+/* -vv: how long each step of the graceful path took. */
+static void trace_phase(const char *what, int64_t t0) {
+  if (H.log_level >= RPCPLUGIN_LOG_DEBUG)
+    say("shutdown: %s after %.3f ms", what, (double)(now_us() - t0) / 1000.0);
+}
+
+static void on_shutdown(void *ud) {
+  uint64_t one = 1;
+  (void)ud;
+  (void)!write(H.wake_fd, &one, sizeof one); /* poller thread: only note */
+}
+
+/* -vv: the module's counters, when the graceful path begins. */
+static void log_stats(void) {
+  rpcplugin_stats st;
+  memset(&st, 0, sizeof st);
+  st.struct_size = sizeof st;
+  if (rpcplugin_module_get_stats(H.mod, &st) != 0) return;
+  say("module stats: calls_total=%llu calls_active=%llu "
+      "stdio_queued_bytes=%llu stdio_sent_bytes=%llu "
+      "stdio_dropped_bytes=%llu broker_streams=%llu broker_messages_in=%llu",
+      (unsigned long long)st.calls_total, (unsigned long long)st.calls_active,
+      (unsigned long long)st.stdio_queued_bytes,
+      (unsigned long long)st.stdio_sent_bytes,
+      (unsigned long long)st.stdio_dropped_bytes,
+      (unsigned long long)st.broker_streams,
+      (unsigned long long)st.broker_messages_in);
+}
+
+/* Wait for a reason to stop. */
+static int main_loop(void) {
+  for (;;) {
+    struct pollfd fds[2] = {{H.sig_fd, POLLIN, 0}, {H.wake_fd, POLLIN, 0}};
+    struct signalfd_siginfo si;
+    int reason = R_NONE;
+    if (poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      say("poll: %s", strerror(errno));
+      return R_SIGNAL;
+    }
+    if (fds[1].revents) reason = R_SHUTDOWN;
+    while (read(H.sig_fd, &si, sizeof si) == (ssize_t)sizeof si) {
+      switch (si.ssi_signo) {
+        case SIGCHLD:
+          reap();
+          if (H.child > 0 && H.child_reaped && H.exit_with_child &&
+              reason == R_NONE)
+            reason = R_CHILD;
+          break;
+        case SIGINT:
+          if (H.ignore_sigint) {
+            if (H.log_level >= RPCPLUGIN_LOG_INFO) say("ignoring SIGINT");
+            break;
+          }
+          /* fall through */
+        default:
+          if (reason == R_NONE) reason = R_SIGNAL;
+          break;
+      }
+    }
+    if (reason != R_NONE) return reason;
+  }
+}
+
+static void setup_search_path(void) {
+  const char *env = getenv("RPCPLUGIN_MODULE_PATH");
+  char exe[PATH_MAX];
+  ssize_t n;
+  /* --module-path first; then, unless RPCPLUGIN_MODULE_PATH says where,
+   * beside the executable: <bin>/../lib (build tree) and
+   * <bin>/../lib/rpcplugin (a relocated install). */
+  if ((env == NULL || *env == '\0') &&
+      (n = readlink("/proc/self/exe", exe, sizeof exe - 1)) > 0) {
+    char *slash;
+    exe[n] = '\0';
+    slash = strrchr(exe, '/');
+    if (slash) {
+      *slash = '\0';
+      if ((size_t)snprintf(H.exe_lib[0], sizeof H.exe_lib[0], "%s/../lib",
+                           exe) < sizeof H.exe_lib[0])
+        H.module_paths[H.nmodule_paths++] = H.exe_lib[0];
+      if ((size_t)snprintf(H.exe_lib[1], sizeof H.exe_lib[1],
+                           "%s/../lib/rpcplugin", exe) < sizeof H.exe_lib[1])
+        H.module_paths[H.nmodule_paths++] = H.exe_lib[1];
+    }
+  }
+  H.module_paths[H.nmodule_paths] = NULL;
+}
+
+int main(int argc, char **argv) {
+  rpcplugin_manifest *manifest = NULL;
+  rpcplugin_runtime *rt = NULL;
+  rpcplugin_runtime_options ro;
+  rpcplugin_load_options lo;
+  rpcplugin_error err;
+  grpc_server *server = NULL;
+  grpc_server_credentials *creds = NULL;
+  host_tls_cert cert;
+  const char *client_pem;
+  char addr[PATH_MAX], line[PATH_MAX + 2048], tlserr[512];
+  sigset_t set;
+  int rc, app_version, grpc_up = 0, started = 0, reason;
+  int64_t t0;
+  size_t len;
+
+  t0 = now_us();
+  memset(&cert, 0, sizeof cert);
+  H.orig_out = H.orig_err = H.diag_nb = H.sig_fd = H.wake_fd = -1;
+  atomic_store(&H.diag_fd, 2);
+  rc = parse_args(argc, argv);
+  if (rc >= 0) return rc;
+
+  /* 1. Cookie and version. */
+  if (check_cookie()) return 1;
+  app_version = negotiate_version();
+
+  /* Signals: blocked in every thread (gRPC's included, so set before
+   * grpc_init) and read from a signalfd by the main thread. */
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
+  sigaddset(&set, SIGCHLD);
+  pthread_sigmask(SIG_BLOCK, &set, NULL);
+  signal(SIGPIPE, SIG_IGN);
+  H.sig_fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+  H.wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  H.orig_err = fcntl(2, F_DUPFD_CLOEXEC, 3);
+  if (H.sig_fd < 0 || H.wake_fd < 0) {
+    early("cannot set up signal handling: %s", strerror(errno));
+    return 1;
+  }
+  if (H.command) prctl(PR_SET_CHILD_SUBREAPER, 1);
+
+  /* 2. Manifest, certificate, server, module. */
+  if (rpcplugin_manifest_load(H.manifest_path, &manifest, &err) != 0) {
+    early("%s", err.message);
+    return 1;
+  }
+  H.fallback = !(rpcplugin_manifest_services(manifest) & RPCPLUGIN_SVC_STDIO);
+  client_pem = getenv("PLUGIN_CLIENT_CERT");
+  if (client_pem && *client_pem) {
+    if (host_tls_check_client_pem(client_pem, tlserr, sizeof tlserr) ||
+        host_tls_generate(&cert, tlserr, sizeof tlserr)) {
+      early("%s", tlserr);
+      goto fail;
+    }
+  }
+
+  grpc_init();
+  grpc_up = 1;
+  gpr_set_log_function(on_gpr_log);
+  server = grpc_server_create(NULL, NULL);
+  if (cert.cert_pem) {
+    grpc_ssl_pem_key_cert_pair pair = {cert.key_pem, cert.cert_pem};
+    creds = grpc_ssl_server_credentials_create_ex(
+        client_pem, &pair, 1,
+        GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY, NULL);
+  } else {
+    creds = grpc_insecure_server_credentials_create();
+  }
+  if (creds == NULL) {
+    early("cannot create the server credentials");
+    goto fail;
+  }
+  rc = listen_on(server, creds, addr, sizeof addr);
+  grpc_server_credentials_release(creds);
+  if (rc) goto fail;
+
+  memset(&ro, 0, sizeof ro);
+  ro.struct_size = sizeof ro;
+  ro.server = server;
+  ro.on_shutdown = on_shutdown;
+  ro.log = on_log;
+  ro.log_level = H.log_level;
+  ro.poll_threads = 1;
+  setup_search_path();
+  memset(&lo, 0, sizeof lo);
+  lo.struct_size = sizeof lo;
+  lo.search_path = H.module_paths;
+  if (rpcplugin_runtime_create(&ro, &rt, &err) != 0 ||
+      rpcplugin_module_load(rt, manifest, &lo, &H.mod, &err) != 0) {
+    early("%s", err.message);
+    goto fail;
+  }
+  if ((rc = host_pipes_create(&H.pipes, pipe_sink, NULL,
+                              stdio_chunk_bytes(manifest))) != 0) {
+    early("cannot create the stdio pipes: %s", strerror(-rc));
+    goto fail;
+  }
+  grpc_server_start(server);
+  started = 1;
+  if (rpcplugin_runtime_start(rt, &err) != 0) {
+    early("%s", err.message);
+    goto fail;
+  }
+  /* Without GRPCStdio the reader writes to the original stdout. */
+  if (H.fallback) H.orig_out = fcntl(1, F_DUPFD_CLOEXEC, 3);
+  if ((rc = host_pipes_start(H.pipes)) != 0) {
+    early("cannot start the stdio reader: %s", strerror(-rc));
+    goto fail;
+  }
+
+  /* 3. The handshake: one write, so it is flushed at once. */
+  len = (size_t)snprintf(line, sizeof line, "1|%d|%s|%s|grpc%s%s\n",
+                         app_version, H.network == NET_UNIX ? "unix" : "tcp",
+                         addr, cert.cert_b64 ? "|" : "",
+                         cert.cert_b64 ? cert.cert_b64 : "");
+  if (write_all(1, line, len) != 0) {
+    early("cannot write the handshake line to stdout: %s", strerror(errno));
+    goto fail;
+  }
+
+  if (H.log_level >= RPCPLUGIN_LOG_DEBUG)
+    early("startup: handshake line written %.3f ms after main()",
+          (double)(now_us() - t0) / 1000.0);
+
+  /* 4. stdout/stderr through put_line from now on, then the child. */
+  if (redirect_stdio() != 0) {
+    early("cannot redirect stdout/stderr: %s", strerror(errno));
+    goto fail;
+  }
+  if (H.command) {
+    /* A child that could not even start counts as one that ended. */
+    if (spawn_child() < 0) H.child_reaped = 1;
+    reap();
+  }
+  if (H.log_level >= RPCPLUGIN_LOG_INFO)
+    say("serving %s (%s) on %s %s, app protocol %d%s",
+        rpcplugin_manifest_name(manifest), rpcplugin_module_path(H.mod),
+        H.network == NET_UNIX ? "unix" : "tcp", addr, app_version,
+        cert.cert_b64 ? ", AutoMTLS" : "");
+
+  if (H.command && H.child_reaped && H.exit_with_child)
+    reason = R_CHILD;
+  else
+    reason = main_loop();
+  if (H.log_level >= RPCPLUGIN_LOG_INFO)
+    say("shutting down (%s)", reason == R_SHUTDOWN ? "Shutdown requested"
+                              : reason == R_CHILD  ? "child exited"
+                                                   : "signal");
+
+  if (H.log_level >= RPCPLUGIN_LOG_DEBUG) log_stats();
+
+  /* The graceful path. */
+  t0 = now_us();
+  terminate_group();
+  trace_phase("child group ended", t0);
+  release_stdio();
+  host_pipes_stop(H.pipes, DRAIN_MS);
+  if (!host_pipes_wait(H.pipes, DRAIN_WAIT_MS) &&
+      H.log_level >= RPCPLUGIN_LOG_INFO)
+    say("stdio reader still blocked in put_line; shutting down anyway");
+  trace_phase("pipes drained", t0);
+  rpcplugin_runtime_shutdown(rt);
+  trace_phase("runtime shut down", t0);
+  {
+    host_pipes_stats ps;
+    host_pipes_get_stats(H.pipes, &ps);
+    host_pipes_destroy(H.pipes);
+    H.pipes = NULL;
+    if (ps.bytes_lost && H.log_level >= RPCPLUGIN_LOG_INFO)
+      say("stdio: put_line refused %llu of the %llu bytes read (queue full "
+          "or shut down)",
+          (unsigned long long)ps.bytes_lost, (unsigned long long)ps.bytes_read);
+  }
+  rpcplugin_runtime_destroy(rt);
+  trace_phase("module unloaded", t0);
+  grpc_server_destroy(server);
+  remove_socket();
+  rpcplugin_manifest_free(manifest);
+  host_tls_free(&cert);
+  grpc_shutdown_blocking();
+  trace_phase("gRPC shut down", t0);
+  return 0;
+
+fail:
+  /* Before the handshake (or right at it): undo and exit 1. */
+  if (H.pipes && started) host_pipes_stop(H.pipes, 0);
+  if (rt) rpcplugin_runtime_shutdown(rt);
+  if (H.pipes) host_pipes_destroy(H.pipes);
+  if (rt) rpcplugin_runtime_destroy(rt);
+  if (server) grpc_server_destroy(server);
+  remove_socket();
+  rpcplugin_manifest_free(manifest);
+  host_tls_free(&cert);
+  if (grpc_up) grpc_shutdown_blocking();
+  return 1;
+}
