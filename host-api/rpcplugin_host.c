@@ -1005,9 +1005,21 @@ int main(int argc, char **argv) {
   remove_socket();
   rpcplugin_manifest_free(manifest);
   host_tls_free(&cert);
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  /* Leak checkers look at the heap at exit: tear gRPC down completely. */
   grpc_shutdown_blocking();
   trace_phase("gRPC shut down", t0);
   return 0;
+#else
+  /* Everything of ours is stopped, unloaded, removed and freed.  What is
+   * left is gRPC's global teardown and the C library's exit handlers of ~60
+   * shared libraries: about 0.7 ms that a go-plugin client's Kill() spends
+   * waiting for the process to be gone, for nothing the kernel would not do
+   * itself. */
+  trace_phase("exit", t0);
+  fflush(NULL);
+  _exit(0);
+#endif
 
 fail:
   /* Before the handshake (or right at it): undo and exit 1. */
