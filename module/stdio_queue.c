@@ -12,6 +12,9 @@
 
 #define HDR 8u
 #define F_LAST 1u
+/* Blocked producers wake when this much (or a quarter of the queue, if
+ * less, or what the largest waiter needs, if more) is free. */
+#define LOW_WATER ((size_t)256 * 1024)
 
 typedef struct rec_hdr {
   uint32_t len;
@@ -128,7 +131,11 @@ unsigned rp_squeue_pop_locked(rp_squeue *q, size_t nrec, uint8_t *dst) {
     if (dst) dst += h.len;
     if (h.flags & F_LAST) chunks++;
   }
-  if (q->waiters) pthread_cond_broadcast(&q->space_cv);
+  /* Wake waiting producers only once a good amount is free (or the queue
+   * is empty), not at every record: a producer woken per record puts one
+   * record and sleeps again, a context switch per chunk. */
+  if (q->waiters && (q->nrec == 0 || q->cap - q->used >= q->wake_free))
+    pthread_cond_broadcast(&q->space_cv);
   return chunks;
 }
 
@@ -177,9 +184,14 @@ static void deadline_after(struct timespec *ts, long ms) {
   }
 }
 
-/* Wait on space_cv; returns 0, or ETIMEDOUT when the deadline passed. */
-static int wait_space(rp_squeue *q, const struct timespec *deadline) {
+/* Wait on space_cv until about `need` bytes may be free (0: for the
+ * writer turn); returns 0, or ETIMEDOUT when the deadline passed. */
+static int wait_space(rp_squeue *q, size_t need,
+                      const struct timespec *deadline) {
   int rc;
+  size_t low = q->cap / 4 < LOW_WATER ? q->cap / 4 : LOW_WATER;
+  if (need > low) low = need;
+  if (q->waiters == 0 || low > q->wake_free) q->wake_free = low;
   q->waiters++;
   if (deadline)
     rc = pthread_cond_timedwait(&q->space_cv, &q->mu, deadline);
@@ -213,7 +225,7 @@ static int put_blocking(rp_squeue *q, int channel, const uint8_t *p,
   }
   q->blocked_puts++;
   while (q->writer_busy && !q->closed)
-    if (wait_space(q, deadline) == ETIMEDOUT) {
+    if (wait_space(q, 0, deadline) == ETIMEDOUT) {
       q->timed_out_puts++;
       return RPCPLUGIN_ETIMEDOUT;
     }
@@ -226,7 +238,7 @@ static int put_blocking(rp_squeue *q, int channel, const uint8_t *p,
       /* Whatever is queued must drain: wake an idle consumer first. */
       kick_unlocked(q, wants_kick(q));
       if (q->closed || q->cap - q->used >= rec_size(n)) break;
-      if (wait_space(q, deadline) == ETIMEDOUT &&
+      if (wait_space(q, rec_size(n), deadline) == ETIMEDOUT &&
           q->cap - q->used < rec_size(n)) {
         q->timed_out_puts++;
         rc = RPCPLUGIN_ETIMEDOUT;

@@ -50,6 +50,7 @@ typedef struct rp_squeue {
   int closed;
   int writer_busy;
   size_t waiters;
+  size_t wake_free; /* wake waiters once this much is free */
 
   /* Counters (under mu). */
   uint64_t queued_chunks, queued_bytes;
