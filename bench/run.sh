@@ -27,6 +27,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ -n "$BUILD" ] || BUILD="$ROOT/build-bench"
+"$ROOT/scripts/install-deps.sh" bench >&2
 case "$BUILD" in /*) ;; *) BUILD="$(pwd)/$BUILD" ;; esac
 
 if [ ! -f "$BUILD/CMakeCache.txt" ]; then

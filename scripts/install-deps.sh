@@ -11,7 +11,7 @@ test_pkgs=(python3-grpcio python3-protobuf python3-pytest python3-jsonschema
   golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev
   golang-google-protobuf-dev golang-google-genproto-dev
   golang-golang-x-net-dev nodejs npm)
-bench_pkgs=(libgrpc++-dev)
+bench_pkgs=(libgrpc++-dev g++ python3-matplotlib)
 pkgs=("${build_pkgs[@]}")
 case "$what" in
   build) ;;

@@ -2,15 +2,17 @@
 # The project's test command (README): installs what is missing, then runs
 # every test: unit (ctest), integration and interop (Python grpcio, Go
 # go-plugin v1.0.1, Node grpc-js), the same suite under ASan+UBSan, the
-# stdio queue under TSan, and one integration case under valgrind memcheck.
+# stdio queue under TSan, one integration case under valgrind memcheck,
+# libFuzzer runs of the parsers and the queue, and a smoke run of the
+# benchmark.
 #
 #   tests/run.sh            everything
-#   RP_STAGES="unit py" tests/run.sh    a subset (unit py go node asan tsan valgrind fuzz)
+#   RP_STAGES="unit py" tests/run.sh    a subset (unit py go node asan tsan valgrind fuzz bench)
 #   RP_FUZZ_SECONDS=20                   time per fuzz target
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-STAGES=${RP_STAGES:-"unit py go node asan tsan valgrind fuzz"}
+STAGES=${RP_STAGES:-"unit py go node asan tsan valgrind fuzz bench"}
 PY=/usr/bin/python3
 JOBS=$(nproc 2>/dev/null || echo 2)
 T0=$(date +%s)
@@ -110,6 +112,15 @@ if has fuzz; then
        -print_final_stats=0 "$corpus/$t" 2>&1 | grep -E "^(Done|==.*ERROR|SUMMARY)")
   done
   rm -rf "$corpus"
+fi
+
+if has bench; then
+  # Not a performance test (nothing about speed is asserted): proves that
+  # every benchmark program still builds and runs to its end.
+  stage "benchmark smoke run (bench/run.sh --quick)"
+  scripts/install-deps.sh bench
+  bench/run.sh --quick "$ROOT/build-bench" >/dev/null
+  echo "bench smoke: ok ($ROOT/build-bench/bench/results-quick.txt)"
 fi
 
 stage "all tests passed"
