@@ -566,6 +566,11 @@ static void open_sub(rp_broker *b, bstream *st, const Plugin__ConnInfo *m,
         *bucket(b, s->id) = s;
         b->nsubs++;
         cs = grpc_channel_check_connectivity_state(s->ch, 1);
+        /* Asking to connect usually moves an idle channel to CONNECTING
+         * before the call returns: look again, so the first watch waits
+         * for READY instead of reporting that step. */
+        if (cs == GRPC_CHANNEL_IDLE)
+          cs = grpc_channel_check_connectivity_state(s->ch, 0);
         watch(b, s, cs);
       }
     }
