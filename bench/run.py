@@ -1232,13 +1232,15 @@ class Bench:
         sys.stdout.write(buf.getvalue())
         # A --quick smoke run never overwrites the figures of a full run.
         stem = "results-quick" if self.quick else "results"
+        if self.only:  # a partial run never overwrites a full one either
+            stem += "-only-" + "-".join(sorted(self.only))
         with open(os.path.join(self.bin, stem + ".txt"), "w") as f:
             f.write(buf.getvalue())
         out = os.path.join(self.bin, stem + ".json")
         with open(out, "w") as f:
             json.dump(self.results, f, indent=1)
         print("\nraw figures: %s" % out)
-        png = self.plot()
+        png = self.plot(stem)
         if png:
             print("plot: %s" % png)
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -1295,7 +1297,7 @@ class Bench:
                              r[2].ljust(w[2]), r[3].rjust(w[3]),
                              r[4].ljust(w[4]), r[5]]).rstrip())
 
-    def plot(self):
+    def plot(self, stem):
         if not self.ratios:
             return None
         try:
@@ -1315,7 +1317,8 @@ class Bench:
         ax.set_title("rpcplugin: main ratios, %s" %
                      self.results["meta"]["date"])
         fig.tight_layout()
-        out = os.path.join(self.bin, "ratios.png")
+        out = os.path.join(self.bin, stem.replace("results", "ratios", 1) +
+                           ".png")
         fig.savefig(out, dpi=90)
         return out
 
