@@ -7,9 +7,9 @@ AutoMTLS, with and without a child command; Kill() must end gracefully
 
 Environment: RP_GO_BIN, the directory holding gpclient (tests/go/build.sh
 OUTDIR puts it in OUTDIR/bin); the tests are skipped only when it is
-unset.  The client whose certificate differs from PLUGIN_CLIENT_CERT is
-tested in test_host_tls.py (gpclient always uses the certificate it
-announced).
+unset.  A go-plugin client whose certificate is not the one the host was
+told to trust fails (the plugin is started through env(1) with another
+PLUGIN_CLIENT_CERT); more certificate cases are in test_host_tls.py.
 """
 import ast
 import os
@@ -21,7 +21,7 @@ import tempfile
 import pytest
 
 from conftest import BUILD, SLOW
-from hostutil import HOST_BIN, HOST_MANIFEST
+from hostutil import HOST_BIN, HOST_MANIFEST, make_cert
 
 GO_BIN = os.environ.get("RP_GO_BIN")
 pytestmark = pytest.mark.skipif(
@@ -50,7 +50,8 @@ def tmpdir_clean():
     shutil.rmtree(d, ignore_errors=True)
 
 
-def launch(tmpdir, client_args, host_args, command=None, timeout=60):
+def launch(tmpdir, client_args, host_args, command=None, timeout=60,
+           wrapper=()):
     env = dict(os.environ)
     for k in list(env):
         if k.startswith("PLUGIN_"):
@@ -58,7 +59,8 @@ def launch(tmpdir, client_args, host_args, command=None, timeout=60):
     env["TMPDIR"] = tmpdir  # the host's socket directory goes here
     env["RPCPLUGIN_MODULE_PATH"] = os.path.join(BUILD, "lib")
     argv = ([gpclient(), "launch", "--timeout=%ds" % int(10 * SLOW)] +
-            client_args + ["--", HOST_BIN] + host_args + [HOST_MANIFEST])
+            client_args + ["--"] + list(wrapper) + [HOST_BIN] + host_args +
+            [HOST_MANIFEST])
     if command:
         argv += ["--"] + command
     r = subprocess.run(argv, env=env, capture_output=True,
@@ -176,3 +178,22 @@ def test_go_client_wrong_cookie(tmpdir_clean):
     assert ("Unrecognized remote plugin message" in fail or
             "plugin exited before we could connect" in fail), fail
     assert not [l for l in lines if l.startswith("HANDSHAKE")]
+
+
+@pytest.mark.parametrize("network", ["unix", "tcp"])
+def test_go_client_with_another_certificate_is_refused(tmpdir_clean, network):
+    """go-plugin's AutoMTLS client presents its own certificate, but the
+    host was told (PLUGIN_CLIENT_CERT) to trust another one: the TLS
+    handshake fails and the client gets no working connection."""
+    other_pem, _ = make_cert()
+    rc, lines, err = launch(
+        tmpdir_clean, ["--automtls", "--kill-timeout=5s"],
+        [COOKIE, "--network", network],
+        wrapper=["env", "PLUGIN_CLIENT_CERT=" + other_pem.decode()])
+    assert rc == 1, lines
+    hs = field(lines, "HANDSHAKE")
+    assert "tls=true" in hs, hs
+    fail = [l for l in lines if l.startswith("FAIL")]
+    assert fail and fail[0].startswith(("FAIL ping", "FAIL start",
+                                        "FAIL dispense")), lines
+    assert not [l for l in lines if l.startswith("PING OK")]
