@@ -4,7 +4,8 @@
  * Order of checks, each refusing with one exact sentence before anything
  * else of the module runs:
  *   1. resolve the manifest's "module" (its folder, the caller's search
- *      path, $RPCPLUGIN_MODULE_PATH, the install folder) and open it;
+ *      path, $RPCPLUGIN_MODULE_PATH, <libdir>/rpcplugin next to this
+ *      library, the configured install folder) and open it;
  *   2. fstat the open descriptor: a regular file, not writable by everyone
  *      (checked on the descriptor, not by path, so the file checked is the
  *      file mapped: dlopen goes through /proc/self/fd/N);
@@ -81,6 +82,7 @@ static int resolve_module(const rpcplugin_manifest *m,
   /* A bare file name: the manifest's folder, then the search path. */
   {
     const char *dirs[64];
+    char libdir[PATH_MAX];
     size_t nd = 0, i;
     char *envcopy = NULL;
     const char *env = getenv("RPCPLUGIN_MODULE_PATH");
@@ -97,6 +99,19 @@ static int resolve_module(const rpcplugin_manifest *m,
       for (tok = envcopy ? strtok_r(envcopy, ":", &save) : NULL;
            tok && nd < 63; tok = strtok_r(NULL, ":", &save))
         dirs[nd++] = tok;
+    }
+    /* Next to this library: <libdir>/rpcplugin, wherever it was installed
+     * (relocatable), then the folder configured at build time. */
+    {
+      Dl_info info;
+      if (dladdr((void *)rpcplugin_module_load, &info) && info.dli_fname) {
+        const char *slash = strrchr(info.dli_fname, '/');
+        if (slash && (size_t)(slash - info.dli_fname) + 11 < sizeof libdir) {
+          snprintf(libdir, sizeof libdir, "%.*s/rpcplugin",
+                   (int)(slash - info.dli_fname), info.dli_fname);
+          if (strcmp(libdir, RPCPLUGIN_MODULE_DIR) != 0) dirs[nd++] = libdir;
+        }
+      }
     }
     dirs[nd++] = RPCPLUGIN_MODULE_DIR;
     for (i = 0; i < nd; i++) {

@@ -45,6 +45,23 @@ if has unit; then
   n=$(nm -D --defined-only build/lib/rpcplugin_services.so | awk '$2 ~ /[TtWw]/' | wc -l)
   nm -D --defined-only build/lib/rpcplugin_services.so
   [ "$n" -eq 1 ] || { echo "module exports $n functions, expected 1"; exit 1; }
+  stage "install to a scratch prefix; a host built from the installed pkg-config file"
+  inst=$(mktemp -d)
+  cmake --install build --prefix "$inst" >/dev/null
+  export PKG_CONFIG_PATH="$inst/lib/pkgconfig"
+  # shellcheck disable=SC2046
+  cc -O2 -o "$inst/test_host" tests/test_host.c \
+    $(pkg-config --cflags --libs rpcplugin) -lpthread
+  unset PKG_CONFIG_PATH
+  # The module is found next to the installed library, by no configuration.
+  out=$(printf 'stats\nshutdown\n' | env -u RPCPLUGIN_MODULE_PATH \
+    LD_LIBRARY_PATH="$inst/lib" timeout 60 "$inst/test_host" \
+    "$inst/share/rpcplugin/manifests/default.json" "unix:$inst/s.sock")
+  echo "$out"
+  grep -q '^OK queued_chunks=0' <<<"$out" && grep -q '^EXIT 0' <<<"$out" \
+    || { echo "installed host failed"; exit 1; }
+  "$inst/bin/rpcplugin-host" --version
+  rm -rf "$inst"
 fi
 
 if has go && [ -x tests/go/build.sh ]; then
