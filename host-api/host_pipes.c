@@ -28,6 +28,7 @@
  */
 #define _GNU_SOURCE
 #include "host_tool.h"
+#include "monotime.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -218,7 +219,6 @@ static void *reader_main(void *arg) {
 int host_pipes_create(host_pipes **out, host_pipes_sink sink, void *ctx,
                       size_t max_chunk) {
   host_pipes *p = calloc(1, sizeof *p);
-  pthread_condattr_t ca;
   int i, e;
   *out = NULL;
   if (p == NULL) return -ENOMEM;
@@ -249,10 +249,7 @@ int host_pipes_create(host_pipes **out, host_pipes_sink sink, void *ctx,
     goto fail;
   }
   pthread_mutex_init(&p->mu, NULL);
-  pthread_condattr_init(&ca);
-  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-  pthread_cond_init(&p->cv, &ca);
-  pthread_condattr_destroy(&ca);
+  rp_cond_init_monotonic(&p->cv);
   *out = p;
   return 0;
 fail:
@@ -300,13 +297,7 @@ int host_pipes_wait(host_pipes *p, long timeout_ms) {
   struct timespec dl;
   int done;
   if (!p->started) return 1;
-  clock_gettime(CLOCK_MONOTONIC, &dl);
-  dl.tv_sec += timeout_ms / 1000;
-  dl.tv_nsec += (timeout_ms % 1000) * 1000000L;
-  if (dl.tv_nsec >= 1000000000L) {
-    dl.tv_sec++;
-    dl.tv_nsec -= 1000000000L;
-  }
+  rp_deadline_after_ms(&dl, timeout_ms);
   pthread_mutex_lock(&p->mu);
   while (!p->done)
     if (pthread_cond_timedwait(&p->cv, &p->mu, &dl) == ETIMEDOUT) break;

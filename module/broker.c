@@ -53,6 +53,7 @@
 
 #include "codec.h"
 #include "engine.h"
+#include "monotime.h"
 #include "grpc_broker.pb-c.h"
 
 #define NBUCKETS 256
@@ -181,16 +182,6 @@ static grpc_byte_buffer *error_reply(rp_broker *b, uint32_t id,
                                      const char *why) {
   b->errors++;
   return conninfo(id, NULL, NULL, 1, 0, 0, why);
-}
-
-static void deadline_ms(struct timespec *ts, long ms) {
-  clock_gettime(CLOCK_MONOTONIC, ts);
-  ts->tv_sec += ms / 1000;
-  ts->tv_nsec += (ms % 1000) * 1000000L;
-  if (ts->tv_nsec >= 1000000000L) {
-    ts->tv_sec++;
-    ts->tv_nsec -= 1000000000L;
-  }
 }
 
 static void actions_add(actions *a, bstream *st, grpc_byte_buffer *bb,
@@ -910,7 +901,7 @@ int rp_broker_wait_advertised(void *instance, uint32_t service_id,
   if (b == NULL) return RPCPLUGIN_EUNSUPPORTED;
   if (out == NULL || service_id == 0) return RPCPLUGIN_EINVAL;
   if (rp_on_poller(b->inst)) return RPCPLUGIN_EWRONGTHREAD;
-  if (timeout_ms >= 0) deadline_ms(&dl, timeout_ms);
+  if (timeout_ms >= 0) rp_deadline_after_ms(&dl, timeout_ms);
   pthread_mutex_lock(&b->mu);
   for (;;) {
     advert *ad;
@@ -952,7 +943,7 @@ int rp_broker_knock(void *instance, uint32_t service_id, const char *network,
   if (rp_on_poller(b->inst)) return RPCPLUGIN_EWRONGTHREAD;
   memset(&w, 0, sizeof w);
   w.id = service_id;
-  if (timeout_ms >= 0) deadline_ms(&dl, timeout_ms);
+  if (timeout_ms >= 0) rp_deadline_after_ms(&dl, timeout_ms);
   pthread_mutex_lock(&b->mu);
   for (st = b->streams; st; st = st->next)
     if (!st->closed && !st->finishing) break;
@@ -1053,17 +1044,13 @@ void rp_broker_stats(rp_broker *b, rpcplugin_stats *out) {
 
 static int broker_create(rp_instance *inst, char *err, size_t errlen) {
   rp_broker *b = calloc(1, sizeof *b);
-  pthread_condattr_t ca;
   if (b == NULL) {
     snprintf(err, errlen, "out of memory");
     return RPCPLUGIN_ENOMEM;
   }
   b->inst = inst;
   pthread_mutex_init(&b->mu, NULL);
-  pthread_condattr_init(&ca);
-  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-  pthread_cond_init(&b->cv, &ca);
-  pthread_condattr_destroy(&ca);
+  rp_cond_init_monotonic(&b->cv);
   inst->broker = b;
   return 0;
 }
@@ -1077,7 +1064,7 @@ static void broker_stop(rp_instance *inst) {
   struct timespec dl;
   bstream *st;
   size_t i;
-  deadline_ms(&dl, inst->cfg.stdio.flush_deadline_ms);
+  rp_deadline_after_ms(&dl, inst->cfg.stdio.flush_deadline_ms);
   pthread_mutex_lock(&b->mu);
   b->stopping = 1;
   for (i = 0; i < NBUCKETS; i++)

@@ -10,6 +10,8 @@
 
 #include <rpcplugin/rpcplugin.h>
 
+#include "monotime.h"
+
 #define HDR 8u
 #define F_LAST 1u
 /* Blocked producers wake when this much (or a quarter of the queue, if
@@ -27,7 +29,6 @@ static size_t rec_size(size_t len) { return HDR + pad8(len); }
 
 int rp_squeue_init(rp_squeue *q, size_t capacity, int overflow,
                    long block_timeout_ms, size_t piece_max) {
-  pthread_condattr_t ca;
   memset(q, 0, sizeof *q);
   capacity &= ~(size_t)7u;
   if (capacity < 64) capacity = 64;
@@ -42,10 +43,7 @@ int rp_squeue_init(rp_squeue *q, size_t capacity, int overflow,
   q->block_timeout_ms = block_timeout_ms;
   q->piece_max = piece_max;
   pthread_mutex_init(&q->mu, NULL);
-  pthread_condattr_init(&ca);
-  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-  pthread_cond_init(&q->space_cv, &ca);
-  pthread_condattr_destroy(&ca);
+  rp_cond_init_monotonic(&q->space_cv);
   return 0;
 }
 
@@ -174,16 +172,6 @@ static void drop_oldest(rp_squeue *q, size_t need) {
   }
 }
 
-static void deadline_after(struct timespec *ts, long ms) {
-  clock_gettime(CLOCK_MONOTONIC, ts);
-  ts->tv_sec += ms / 1000;
-  ts->tv_nsec += (ms % 1000) * 1000000L;
-  if (ts->tv_nsec >= 1000000000L) {
-    ts->tv_sec++;
-    ts->tv_nsec -= 1000000000L;
-  }
-}
-
 /* Wait on space_cv until about `need` bytes may be free (0: for the
  * writer turn); returns 0, or ETIMEDOUT when the deadline passed. */
 static int wait_space(rp_squeue *q, size_t need,
@@ -220,7 +208,7 @@ static int put_blocking(rp_squeue *q, int channel, const uint8_t *p,
   struct timespec dl, *deadline = NULL;
   int rc = 0;
   if (q->block_timeout_ms > 0) {
-    deadline_after(&dl, q->block_timeout_ms);
+    rp_deadline_after_ms(&dl, q->block_timeout_ms);
     deadline = &dl;
   }
   q->blocked_puts++;

@@ -32,6 +32,7 @@
 
 #include "codec.h"
 #include "engine.h"
+#include "monotime.h"
 #include "stdio_queue.h"
 
 typedef struct stream stream;
@@ -355,7 +356,6 @@ static int stdio_create(rp_instance *inst, char *err, size_t errlen) {
   const rp_config *cfg = &inst->cfg;
   rp_stdio *s = calloc(1, sizeof *s);
   size_t piece;
-  pthread_condattr_t ca;
   if (s == NULL) {
     snprintf(err, errlen, "out of memory");
     return RPCPLUGIN_ENOMEM;
@@ -375,10 +375,7 @@ static int stdio_create(rp_instance *inst, char *err, size_t errlen) {
   s->inst = inst;
   s->coalesce = cfg->stdio.coalesce_bytes;
   if (s->coalesce > piece) s->coalesce = piece;
-  pthread_condattr_init(&ca);
-  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
-  pthread_cond_init(&s->done_cv, &ca);
-  pthread_condattr_destroy(&ca);
+  rp_cond_init_monotonic(&s->done_cv);
   inst->stdio = s;
   return 0;
 }
@@ -397,13 +394,7 @@ static void stdio_stop(rp_instance *inst) {
   long ms = inst->cfg.stdio.flush_deadline_ms;
   stream *st;
 
-  clock_gettime(CLOCK_MONOTONIC, &dl);
-  dl.tv_sec += ms / 1000;
-  dl.tv_nsec += (ms % 1000) * 1000000L;
-  if (dl.tv_nsec >= 1000000000L) {
-    dl.tv_sec++;
-    dl.tv_nsec -= 1000000000L;
-  }
+  rp_deadline_after_ms(&dl, ms);
   pthread_mutex_lock(&s->q.mu);
   s->stopping = 1;
   rp_squeue_close_locked(&s->q);

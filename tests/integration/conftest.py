@@ -157,6 +157,23 @@ def make_host():
         h.close()
 
 
+@pytest.fixture
+def hosts():
+    """Start rpcplugin-host processes (hostutil.PluginHost); all are closed
+    after the test."""
+    from hostutil import PluginHost
+    started = []
+
+    def make(*a, **kw):
+        h = PluginHost(*a, **kw)
+        started.append(h)
+        return h
+
+    yield make
+    for h in started:
+        h.close()
+
+
 def manifest_path(name):
     return os.path.join(REPO, "manifests", name)
 

@@ -5,7 +5,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import grpc
@@ -13,7 +12,7 @@ import pytest
 
 from brokerutil import (BrokerStream, ConnInfo, Knock, Recorder, closed_port,
                         health_server, knock_close, knock_open)
-from conftest import BUILD, SLOW, write_manifest
+from conftest import SLOW, write_manifest
 
 
 def make(make_host, tmp_path, **broker):

@@ -12,21 +12,7 @@ import pytest
 
 from conftest import SLOW
 from hostutil import (COOKIE_KEY, COOKIE_VALUE, DEFAULT_MANIFEST, HOST_BIN,
-                      PluginHost, Stdio, free_port_pair)
-
-
-@pytest.fixture
-def hosts():
-    started = []
-
-    def make(*a, **kw):
-        h = PluginHost(*a, **kw)
-        started.append(h)
-        return h
-
-    yield make
-    for h in started:
-        h.close()
+                      Stdio, free_port_pair)
 
 
 def run_host(args, env_extra=None, cookie=True, timeout=20):

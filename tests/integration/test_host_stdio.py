@@ -9,25 +9,10 @@ import os
 import signal
 
 import grpc
-import pytest
 
 from conftest import manifest_path, write_manifest
-from hostutil import (DEFAULT_MANIFEST, HOST_MANIFEST, PluginHost, Stdio,
+from hostutil import (DEFAULT_MANIFEST, HOST_MANIFEST, Stdio,
                       pid_gone, wait_until)
-
-
-@pytest.fixture
-def hosts():
-    started = []
-
-    def make(*a, **kw):
-        h = PluginHost(*a, **kw)
-        started.append(h)
-        return h
-
-    yield make
-    for h in started:
-        h.close()
 
 
 def sh(script):

@@ -10,26 +10,12 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from hostutil import PluginHost, Stdio, make_cert
+from hostutil import Stdio, make_cert
 
 
 @pytest.fixture(scope="module")
 def client_cert():
     return make_cert()
-
-
-@pytest.fixture
-def hosts():
-    started = []
-
-    def make(*a, **kw):
-        h = PluginHost(*a, **kw)
-        started.append(h)
-        return h
-
-    yield make
-    for h in started:
-        h.close()
 
 
 def creds(server_pem, cert_key=None):
