@@ -106,7 +106,7 @@ if has valgrind; then
 --errors-for-leak-kinds=definite --error-exitcode=99 \
 --suppressions=$ROOT/tests/valgrind.supp --log-file=$ROOT/build/valgrind-%p.log" \
     pytest_run "$ROOT/build" -k "test_manifest_services and default" \
-      test_services.py
+      test_services.py || { cat build/valgrind-*.log; exit 1; }
   if grep -l "definitely lost" build/valgrind-*.log 2>/dev/null; then
     cat build/valgrind-*.log; exit 1
   fi
