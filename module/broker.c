@@ -150,9 +150,12 @@ typedef struct action {
   int recv;
 } action;
 
+/* Zero-initialised; the first few actions live inline (no allocation on
+ * the per-message path). */
 typedef struct actions {
   action *v;
   size_t n, cap;
+  action inl[4];
 } actions;
 
 static void send_done(rp_call *c, int ok);
@@ -186,13 +189,19 @@ static grpc_byte_buffer *error_reply(rp_broker *b, uint32_t id,
 
 static void actions_add(actions *a, bstream *st, grpc_byte_buffer *bb,
                         int finish, int recv) {
+  if (a->v == NULL) {
+    a->v = a->inl;
+    a->cap = sizeof a->inl / sizeof a->inl[0];
+  }
   if (a->n == a->cap) {
-    size_t cap = a->cap ? a->cap * 2 : 8;
-    action *v = realloc(a->v, cap * sizeof *v);
+    size_t cap = a->cap * 2;
+    action *v = a->v == a->inl ? malloc(cap * sizeof *v)
+                               : realloc(a->v, cap * sizeof *v);
     if (v == NULL) { /* cannot defer: drop the message, keep going */
       if (bb) grpc_byte_buffer_destroy(bb);
       return;
     }
+    if (a->v == a->inl) memcpy(v, a->inl, sizeof a->inl);
     a->v = v;
     a->cap = cap;
   }
@@ -287,7 +296,7 @@ static void run_actions(rp_broker *b, actions *a) {
     }
     rp_call_unref(st->c);
   }
-  free(a->v);
+  if (a->v != a->inl) free(a->v);
   a->v = NULL;
   a->n = a->cap = 0;
 }
@@ -735,6 +744,9 @@ static void recv_done(rp_call *c, int ok) {
     } else if (st->nitems + st->nin >= max) {
       in_push(st, NULL, m->service_id,
               "too many pending messages on this stream");
+      rp_msg_free(&m->base);
+    } else if (!st->waiting && st->in_head == NULL) {
+      handle(b, st, m, &a); /* nothing ahead of it: no queueing */
       rp_msg_free(&m->base);
     } else {
       in_push(st, m, 0, NULL);
