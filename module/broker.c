@@ -125,8 +125,16 @@ typedef struct knock_waiter {
   struct knock_waiter *next;
 } knock_waiter;
 
+/* A private subchannel pool: closing one subchannel never disturbs
+ * another to the same address, and each has a connection of its own. */
+static grpc_arg channel_arg = {GRPC_ARG_INTEGER,
+                               (char *)"grpc.use_local_subchannel_pool",
+                               {.integer = 1}};
+static const grpc_channel_args channel_args = {1, &channel_arg};
+
 struct rp_broker {
   rp_instance *inst;
+  grpc_channel_credentials *creds; /* insecure, shared by subchannels */
   pthread_mutex_t mu;
   pthread_cond_t cv; /* CLOCK_MONOTONIC */
   sub *table[NBUCKETS];
@@ -533,9 +541,6 @@ static void open_sub(rp_broker *b, bstream *st, const Plugin__ConnInfo *m,
       why = whybuf;
     }
     if (why == NULL) {
-      grpc_channel_credentials *creds;
-      grpc_arg arg;
-      grpc_channel_args args;
       grpc_connectivity_state cs;
       s = calloc(1, sizeof *s);
       if (s == NULL) {
@@ -548,16 +553,7 @@ static void open_sub(rp_broker *b, bstream *st, const Plugin__ConnInfo *m,
         s->watch.tag.on_done = watch_done;
         s->watch.s = s;
         s->state = SUB_CONNECTING;
-        /* A private subchannel pool: closing one subchannel never
-         * disturbs another to the same address. */
-        arg.type = GRPC_ARG_INTEGER;
-        arg.key = (char *)"grpc.use_local_subchannel_pool";
-        arg.value.integer = 1;
-        args.num_args = 1;
-        args.args = &arg;
-        creds = grpc_insecure_credentials_create();
-        s->ch = grpc_channel_create(target, creds, &args);
-        grpc_channel_credentials_release(creds);
+        s->ch = grpc_channel_create(target, b->creds, &channel_args);
         s->deadline = gpr_time_add(
             gpr_now(GPR_CLOCK_MONOTONIC),
             gpr_time_from_millis(cfg->broker.connect_timeout_ms,
@@ -1061,6 +1057,7 @@ static int broker_create(rp_instance *inst, char *err, size_t errlen) {
     return RPCPLUGIN_ENOMEM;
   }
   b->inst = inst;
+  b->creds = grpc_insecure_credentials_create();
   pthread_mutex_init(&b->mu, NULL);
   rp_cond_init_monotonic(&b->cv);
   inst->broker = b;
@@ -1112,6 +1109,7 @@ static void broker_destroy(rp_instance *inst) {
     b->adverts = ad->next;
     free(ad);
   }
+  grpc_channel_credentials_release(b->creds);
   pthread_cond_destroy(&b->cv);
   pthread_mutex_destroy(&b->mu);
   free(b);
