@@ -135,6 +135,7 @@ static int m_register(void *instance, const char *const *services,
   for (i = 0; i < inst->nenabled; i++) {
     const rp_service *svc = inst->enabled[i];
     if (svc->create && (rc = svc->create(inst, err, errlen)) != 0) return rc;
+    inst->ncreated = i + 1; /* hooks below run for these only */
   }
   for (i = 0; i < inst->nenabled; i++) {
     const rp_service *svc = inst->enabled[i];
@@ -162,7 +163,7 @@ static int m_start(void *instance) {
   }
   inst->state = RP_STARTED;
   pthread_mutex_unlock(&inst->mu);
-  for (i = 0; i < inst->nenabled; i++)
+  for (i = 0; i < inst->ncreated; i++)
     if (inst->enabled[i]->start) inst->enabled[i]->start(inst);
   return 0;
 }
@@ -182,7 +183,7 @@ static int m_shutdown(void *instance) {
   inst->state = RP_STOPPING;
   pthread_mutex_unlock(&inst->mu);
 
-  for (i = 0; i < inst->nenabled; i++)
+  for (i = 0; i < inst->ncreated; i++)
     if (inst->enabled[i]->stop) inst->enabled[i]->stop(inst);
   rp_calls_cancel_and_drain(inst);
 
@@ -197,7 +198,7 @@ static void m_destroy(void *instance) {
   rp_instance *inst = instance;
   size_t i;
   if (inst == NULL) return;
-  for (i = 0; i < inst->nenabled; i++)
+  for (i = 0; i < inst->ncreated; i++)
     if (inst->enabled[i]->destroy) inst->enabled[i]->destroy(inst);
   pthread_cond_destroy(&inst->cv);
   pthread_mutex_destroy(&inst->mu);

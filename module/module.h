@@ -84,6 +84,7 @@ struct rp_instance {
 
   const rp_service *enabled[RP_NSERVICES];
   size_t nenabled;
+  size_t ncreated; /* enabled[0..ncreated) were created successfully */
   rp_route routes[RP_MAX_ROUTES];
   size_t nroutes;
 

@@ -190,11 +190,26 @@ static void test_routes(void) {
   CHECK_EQ_INT(load(module, "[\"grpc.health.v1.Health\"]", NULL, &b, &err),
                RPCPLUGIN_EEXIST);
   CHECK_CONTAINS(err.message, "/grpc.health.v1.Health/Check is already served");
+  /* A refusal after the services were created: they are stopped and freed
+   * (the sanitizer builds check that nothing leaks). */
+  CHECK_EQ_INT(load(module,
+                    "[\"plugin.GRPCStdio\", \"plugin.GRPCBroker\", "
+                    "\"grpc.health.v1.Health\"]",
+                    NULL, &b, &err),
+               RPCPLUGIN_EEXIST);
+  CHECK(b == NULL);
   grpc_server_start(server);
   CHECK_EQ_INT(rpcplugin_runtime_start(rt, &err), 0);
-  CHECK_EQ_INT(load(module, "[\"plugin.GRPCStdio\"]", NULL, &b, &err),
+  /* Never registered before the start: cannot be added now. */
+  CHECK_EQ_INT(load(module, "[\"plugin.GRPCController\"]", NULL, &b, &err),
                RPCPLUGIN_ESTATE);
   CHECK_CONTAINS(err.message, "the server already started");
+  /* Registered before the start by the refused instance above: a new
+   * instance binds it on the live server. */
+  CHECK_EQ_INT(load(module, "[\"plugin.GRPCStdio\"]", NULL, &b, &err), 0);
+  CHECK(b != NULL);
+  if (b) CHECK_EQ_INT(rpcplugin_module_unload(b), 0);
+  b = NULL;
   CHECK_EQ_INT(rpcplugin_module_unload(a), 0);
   CHECK_EQ_INT(load(module, "[\"grpc.health.v1.Health\"]", NULL, &b, &err), 0);
   CHECK(b != NULL);
