@@ -109,10 +109,10 @@ int rp_call_watch_close(rp_call *c, rp_call_cb cb) {
   return start_op(c, &c->close_op, &op, 1, cb);
 }
 
-/* The sent buffer is offered to the service's callback as c->sent_buf (it
- * may take it, for a retry elsewhere, by setting it to NULL) and destroyed
- * afterwards; the send slot is free again before the callback runs, so the
- * callback may send the next message at once. */
+/* The send slot is free again before the service's callback runs, so the
+ * callback may send the next message at once.  (The C core has moved the
+ * slices out of the sent buffer by now: a service that may need to send a
+ * message again keeps its own reference to the slices.) */
 static void send_op_done(rpcplugin_tag *tag, int ok) {
   rp_op *op = (rp_op *)tag;
   rp_call *c = op->call;
@@ -120,12 +120,7 @@ static void send_op_done(rpcplugin_tag *tag, int ok) {
   grpc_byte_buffer *sent = c->send_buf;
   c->send_buf = NULL;
   atomic_store(&op->busy, 0);
-  if (cb) {
-    c->sent_buf = sent;
-    cb(c, ok);
-    sent = c->sent_buf;
-    c->sent_buf = NULL;
-  }
+  if (cb) cb(c, ok);
   if (sent) grpc_byte_buffer_destroy(sent);
   rp_call_unref(c);
 }

@@ -37,7 +37,6 @@ struct rp_call {
   int md_sent;
   int cancelled;               /* set when close_op completes */
   grpc_byte_buffer *send_buf;   /* owned until send_op completes */
-  grpc_byte_buffer *sent_buf;   /* during the send callback: see below */
   grpc_byte_buffer *finish_buf; /* owned until finish_op completes */
   grpc_byte_buffer *recv_buf;   /* result of recv; the callback takes it */
   grpc_slice status_details;
@@ -59,9 +58,8 @@ void rp_call_unref(rp_call *c);
  * c->cancelled.  Use on streaming calls that finish later. */
 int rp_call_watch_close(rp_call *c, rp_call_cb cb);
 /* Send one message; initial metadata goes with the first.  Takes bb only on
- * success (the caller keeps it on error).  During cb, c->sent_buf is the
- * buffer that was sent; the callback may take it (set it to NULL), for
- * example to retry it on another call when ok is 0. */
+ * success (the caller keeps it on error).  Note that the C core moves the
+ * slices out of bb when the batch starts. */
 int rp_call_send(rp_call *c, grpc_byte_buffer *bb, uint32_t flags,
                  rp_call_cb cb);
 /* Send initial metadata alone, in the send slot (a stream that has nothing

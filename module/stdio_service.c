@@ -13,6 +13,9 @@
  * write fails (the client went away), the encoded message goes to the
  * "putback" list, ordered by the sequence number it was taken with, and is
  * sent before anything still in the queue by the next stream that writes.
+ * The stream keeps its own reference to the encoded slice for that: the C
+ * core moves the slices out of a byte buffer it sends, so the buffer itself
+ * is empty afterwards.
  * Memory is therefore the queue's bound plus at most one message per open
  * stream (in flight or put back).
  *
@@ -45,7 +48,8 @@ struct stream {
   int closed;
   int finishing;
   int finished;
-  /* What the write in flight carries. */
+  /* The message in flight (a reference of its own, for a retry). */
+  grpc_slice msg;
   uint64_t seq;
   size_t bytes;
   unsigned chunks;
@@ -53,7 +57,7 @@ struct stream {
 
 typedef struct putback putback;
 struct putback {
-  grpc_byte_buffer *bb;
+  grpc_slice msg;
   uint64_t seq;
   size_t bytes;
   unsigned chunks;
@@ -71,7 +75,7 @@ struct rp_stdio {
   uint64_t seq;
   int stopping;
   pthread_cond_t done_cv; /* CLOCK_MONOTONIC; stop waits on it */
-  uint64_t sent_chunks, sent_bytes, sent_messages;
+  uint64_t sent_chunks, sent_bytes, sent_messages, resent_messages;
 };
 
 /* ------------------------------------------------------------- lists */
@@ -109,47 +113,44 @@ static void stream_remove(rp_stdio *s, stream *st) {
 
 /* ----------------------------------------------------------- messages */
 
-/* Take the next message for st (under q.mu): a put-back one first, else a
- * fresh one from the queue.  NULL when there is nothing to send. */
-static grpc_byte_buffer *take_locked(rp_stdio *s, stream *st) {
+/* Take the next message for st into st->msg (under q.mu): a put-back one
+ * first, else a fresh one from the queue.  0 when there is nothing. */
+static int take_locked(rp_stdio *s, stream *st) {
   if (s->putback) {
     putback *pb = s->putback;
-    grpc_byte_buffer *bb = pb->bb;
     s->putback = pb->next;
+    st->msg = pb->msg;
     st->seq = pb->seq;
     st->bytes = pb->bytes;
     st->chunks = pb->chunks;
     free(pb);
-    return bb;
+    return 1;
   } else {
     int channel;
     size_t nrec, len = rp_squeue_peek_locked(&s->q, s->coalesce, &channel,
                                              &nrec);
     uint8_t *dst;
-    grpc_slice slice;
-    grpc_byte_buffer *bb;
-    if (nrec == 0) return NULL;
-    slice = rp_stdio_slice(channel, len, &dst);
+    if (nrec == 0) return 0;
+    st->msg = rp_stdio_slice(channel, len, &dst);
     st->chunks = rp_squeue_pop_locked(&s->q, nrec, dst);
     st->bytes = len;
     st->seq = s->seq++;
-    bb = grpc_raw_byte_buffer_create(&slice, 1);
-    grpc_slice_unref(slice);
-    return bb;
+    return 1;
   }
 }
 
-/* Keep a message whose write failed, in sequence order. */
-static void putback_locked(rp_stdio *s, grpc_byte_buffer *bb, stream *st) {
+/* Keep st's message, whose write failed, in sequence order. */
+static void putback_locked(rp_stdio *s, stream *st) {
   putback *pb = malloc(sizeof *pb), **pp;
   if (pb == NULL) {
     /* Cannot keep it: count it as dropped rather than lose it silently. */
     s->q.dropped_chunks += st->chunks;
     s->q.dropped_bytes += st->bytes;
-    grpc_byte_buffer_destroy(bb);
+    grpc_slice_unref(st->msg);
     return;
   }
-  pb->bb = bb;
+  s->resent_messages++;
+  pb->msg = st->msg;
   pb->seq = st->seq;
   pb->bytes = st->bytes;
   pb->chunks = st->chunks;
@@ -163,16 +164,14 @@ static void send_done(rp_call *c, int ok);
 static void finish_done(rp_call *c, int ok);
 
 /* Start st's next write, or finish it, or park it as idle (under q.mu).
- * Returns the buffer to send (the caller sends it after unlocking), or
- * NULL; *finish is set when the stream should be finished. */
-static grpc_byte_buffer *next_locked(rp_stdio *s, stream *st, int *finish) {
-  grpc_byte_buffer *bb;
+ * Returns 1 when st->msg is to be sent (the caller sends it after
+ * unlocking); *finish is set when the stream should be finished. */
+static int next_locked(rp_stdio *s, stream *st, int *finish) {
   *finish = 0;
-  if (st->closed || st->finishing) return NULL;
-  bb = take_locked(s, st);
-  if (bb) {
+  if (st->closed || st->finishing) return 0;
+  if (take_locked(s, st)) {
     st->sending = 1;
-    return bb;
+    return 1;
   }
   if (s->stopping) {
     st->finishing = 1;
@@ -180,18 +179,20 @@ static grpc_byte_buffer *next_locked(rp_stdio *s, stream *st, int *finish) {
   } else {
     idle_push(s, st);
   }
-  return NULL;
+  return 0;
 }
 
 /* Outside the lock: act on what next_locked decided.  The caller holds a
  * reference on st->c. */
-static void act(rp_stdio *s, stream *st, grpc_byte_buffer *bb, int finish) {
-  if (bb) {
+static void act(rp_stdio *s, stream *st, int send, int finish) {
+  if (send) {
+    grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&st->msg, 1);
     if (rp_call_send(st->c, bb, 0, send_done) != 0) {
       /* The call is over: treat it as a failed write. */
+      grpc_byte_buffer_destroy(bb);
       pthread_mutex_lock(&s->q.mu);
       st->sending = 0;
-      putback_locked(s, bb, st);
+      putback_locked(s, st);
       pthread_mutex_unlock(&s->q.mu);
     }
   } else if (finish) {
@@ -211,15 +212,9 @@ static void kick(void *ctx) {
   rp_stdio *s = ctx;
   for (;;) {
     stream *st;
-    grpc_byte_buffer *bb;
     pthread_mutex_lock(&s->q.mu);
     st = s->idle_head;
-    if (st == NULL) {
-      pthread_mutex_unlock(&s->q.mu);
-      return;
-    }
-    bb = take_locked(s, st);
-    if (bb == NULL) {
+    if (st == NULL || !take_locked(s, st)) {
       pthread_mutex_unlock(&s->q.mu);
       return;
     }
@@ -227,7 +222,7 @@ static void kick(void *ctx) {
     st->sending = 1;
     rp_call_ref(st->c);
     pthread_mutex_unlock(&s->q.mu);
-    act(s, st, bb, 0);
+    act(s, st, 1, 0);
     rp_call_unref(st->c);
   }
 }
@@ -240,24 +235,23 @@ static int wants_kick(void *ctx) {
 static void send_done(rp_call *c, int ok) {
   stream *st = c->svc;
   rp_stdio *s = c->inst->stdio;
-  grpc_byte_buffer *bb = NULL;
-  int finish = 0, rekick = 0;
+  int send = 0, finish = 0, rekick = 0;
   pthread_mutex_lock(&s->q.mu);
   st->sending = 0;
   if (ok) {
     s->sent_messages++;
     s->sent_chunks += st->chunks;
     s->sent_bytes += st->bytes;
-    bb = next_locked(s, st, &finish);
+    grpc_slice_unref(st->msg);
+    send = next_locked(s, st, &finish);
   } else {
     /* Not handed to the client: the next writer sends it again. */
-    putback_locked(s, c->sent_buf, st);
-    c->sent_buf = NULL;
+    putback_locked(s, st);
     rekick = s->nidle > 0;
   }
   if (s->stopping) pthread_cond_broadcast(&s->done_cv);
   pthread_mutex_unlock(&s->q.mu);
-  act(s, st, bb, finish);
+  act(s, st, send, finish);
   if (rekick) kick(s);
 }
 
@@ -287,13 +281,12 @@ static void closed(rp_call *c, int ok) {
 static void opened(rp_call *c, int ok) {
   stream *st = c->svc;
   rp_stdio *s = c->inst->stdio;
-  grpc_byte_buffer *bb = NULL;
-  int finish = 0;
+  int send = 0, finish = 0;
   pthread_mutex_lock(&s->q.mu);
   st->sending = 0;
-  if (ok) bb = next_locked(s, st, &finish);
+  if (ok) send = next_locked(s, st, &finish);
   pthread_mutex_unlock(&s->q.mu);
-  act(s, st, bb, finish);
+  act(s, st, send, finish);
 }
 
 static void stream_call(rp_instance *inst, grpc_call *call,
@@ -349,6 +342,7 @@ void rp_stdio_stats(rp_stdio *s, rpcplugin_stats *out) {
   out->stdio_queue_bytes = s->q.used;
   out->stdio_blocked_puts = s->q.blocked_puts;
   out->stdio_timed_out_puts = s->q.timed_out_puts;
+  out->stdio_resent_messages = s->resent_messages;
   pthread_mutex_unlock(&s->q.mu);
 }
 
@@ -406,11 +400,10 @@ static void stdio_stop(rp_instance *inst) {
     if (st == NULL) break;
     idle_remove(s, st);
     {
-      int finish;
-      grpc_byte_buffer *bb = next_locked(s, st, &finish);
+      int finish, send = next_locked(s, st, &finish);
       rp_call_ref(st->c);
       pthread_mutex_unlock(&s->q.mu);
-      act(s, st, bb, finish);
+      act(s, st, send, finish);
       rp_call_unref(st->c);
       pthread_mutex_lock(&s->q.mu);
     }
@@ -432,7 +425,7 @@ static void stdio_destroy(rp_instance *inst) {
   while (s->putback) {
     putback *pb = s->putback;
     s->putback = pb->next;
-    grpc_byte_buffer_destroy(pb->bb);
+    grpc_slice_unref(pb->msg);
     free(pb);
   }
   pthread_cond_destroy(&s->done_cv);

@@ -260,7 +260,7 @@ static void command(char *line) {
         "dropped_bytes=%llu queue_bytes=%llu blocked_puts=%llu "
         "timed_out_puts=%llu broker_streams=%llu broker_subchannels=%llu "
         "broker_in=%llu broker_out=%llu broker_errors=%llu "
-        "calls_active=%llu calls_total=%llu",
+        "calls_active=%llu calls_total=%llu resent_messages=%llu",
         (unsigned long long)s.stdio_queued_chunks,
         (unsigned long long)s.stdio_queued_bytes,
         (unsigned long long)s.stdio_sent_chunks,
@@ -277,7 +277,8 @@ static void command(char *line) {
         (unsigned long long)s.broker_messages_out,
         (unsigned long long)s.broker_errors,
         (unsigned long long)s.calls_active,
-        (unsigned long long)s.calls_total);
+        (unsigned long long)s.calls_total,
+        (unsigned long long)s.stdio_resent_messages);
   } else if (strcmp(argv[0], "advertise") == 0 && argc == 4) {
     if (!RPCPLUGIN_MODULE_HAS(api, broker_advertise)) {
       report(RPCPLUGIN_EUNSUPPORTED, "advertise");

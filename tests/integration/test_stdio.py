@@ -9,6 +9,7 @@ import pytest
 from google.protobuf import empty_pb2
 
 from conftest import SLOW, controller_shutdown, stream_stdio, write_manifest
+from hostutil import wait_until
 import grpc_controller_pb2
 
 STDOUT, STDERR = 1, 2
@@ -17,7 +18,10 @@ SEQ_SIZE = 64
 
 def seq_of(data):
     """putseq chunks start with an 8-digit sequence number."""
-    return int(data[:8])
+    try:
+        return int(data[:8])
+    except ValueError:
+        raise AssertionError("not a putseq chunk: %r" % (data,))
 
 
 def expected_chunk(i, size):
@@ -38,9 +42,10 @@ def make(make_host, tmp_path, **stdio):
     return make_host(write_manifest(tmp_path, config=cfg))
 
 
-def shutdown_and_collect(host, call, n_expected=None):
-    """Shutdown through the controller; the stream must deliver everything
-    queued and then end with OK."""
+def shutdown_and_collect(host, call, before=None):
+    """Read the stream; once `before` (if any) returned, shut down through
+    the controller: the stream must deliver everything queued and then end
+    with OK."""
     got = []
     done = threading.Event()
     err = []
@@ -55,6 +60,8 @@ def shutdown_and_collect(host, call, n_expected=None):
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
+    if before:
+        before()
     controller_shutdown(host.channel())(grpc_controller_pb2.Empty(),
                                         timeout=30 * SLOW)
     assert done.wait(60 * SLOW), "stream did not end"
@@ -198,6 +205,46 @@ def test_cancel_mid_stream_then_next_stream_gets_rest(make_host, tmp_path):
     # What neither client read was written to the first client's transport
     # before it cancelled, never more than its flow-control window holds.
     assert got[0] - 100 <= (4 << 20) // 64
+
+
+def test_write_in_flight_when_client_leaves_goes_to_next_stream(make_host,
+                                                               tmp_path):
+    """A client that stops reading ends up with a write of ours in flight
+    (its transport takes no more, the queue fills, the producer blocks).
+    When it cancels, that write fails; its message is put back, intact, and
+    is the first the next stream gets, then the rest in order.  (If the
+    write completes just before the cancel lands, it was handed to the
+    leaving client and nothing is put back: then try again, a few times.)"""
+    n, size = 4096, 16384           # 64 MiB, far more than any window
+    for attempt in range(6):
+        (tmp_path / str(attempt)).mkdir()
+        host = make(make_host, tmp_path / str(attempt),
+                    flush_deadline_ms=20000)
+        a = open_stream(host)       # never read
+        assert host.cmd("bg putseq 1 %d %d" % (n, size)) == "OK bg"
+        # Counters are the only view of these server-side events: poll.
+        wait_until(lambda: host.stats()["blocked_puts"] >= 1, 30,
+                   "a full queue")
+        a.cancel()
+        wait_until(lambda: host.stats()["calls_active"] == 0, 30,
+                   "the server to see the cancel")
+        if host.stats()["resent_messages"] >= 1:
+            break
+        host.close()
+    else:
+        pytest.fail("no write was in flight at the cancel in 6 attempts")
+    b = open_stream(host)
+
+    def all_put():
+        assert host.wait_event("BGDONE", timeout=60) == \
+            "BGDONE OK putseq %d" % n
+
+    got = shutdown_and_collect(host, b, before=all_put)
+    bad = [m for m in got if len(m.data) != size or m.channel != STDOUT]
+    assert got and not bad, bad[:1]
+    seqs = [seq_of(m.data) for m in got]
+    assert seqs == list(range(seqs[0], n))
+    assert all(m.data == expected_chunk(seq_of(m.data), size) for m in got[:3])
 
 
 def stalled_host(make_host, tmp_path, **stdio):

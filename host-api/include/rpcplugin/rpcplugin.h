@@ -241,6 +241,8 @@ typedef struct rpcplugin_stats {
   /* calls */
   uint64_t calls_active;
   uint64_t calls_total;
+  /* stdio, continued */
+  uint64_t stdio_resent_messages; /* writes that failed and were put back */
 } rpcplugin_stats;
 
 /* --------------------------------------------------------- broker types */
