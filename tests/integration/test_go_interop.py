@@ -308,9 +308,10 @@ def test_launch_gpserver(gpclient, automtls):
         dial = [l for l in lines if l.startswith("DIAL_HEALTH %d " % i)]
         assert len(dial) == 1 and dial[0].split()[2] == "SERVING", lines
     if not automtls:
+        # The plugin's call over the brokered connection reached the client.
+        # (gpserver's own report of it comes on its stderr, which go-plugin
+        # relays with no ordering against these lines: not asserted.)
         assert "ACCEPT_SERVED 101 " + HEALTH in lines, lines
-        assert "PLUGIN_STDERR gpserver: dial-back id=101 status=SERVING" \
-            in lines, lines
     kill = parse_kv([l for l in lines if l.startswith("KILL ")][0])
     assert kill["graceful"] == "true" and kill["exit_code"] == "0", kill
     assert float(kill["elapsed_ms"]) < 2000, kill
