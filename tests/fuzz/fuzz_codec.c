@@ -1,6 +1,6 @@
 /* libFuzzer: decoding every message type from arbitrary bytes, split
  * across slices at an input-chosen point; what decodes without unknown
- * fields re-encodes and decodes to the same bytes.  (protobuf-c keeps
+ * fields (at any depth) re-encodes and decodes to the same bytes.  (protobuf-c keeps
  * unknown fields, even an illegal field 0, and re-emits them as it got
  * them; our replies are always built fresh, so that never reaches the
  * wire.) */
@@ -22,6 +22,22 @@ static const ProtobufCMessageDescriptor *const descs[] = {
     &plugin__empty__descriptor,
     &grpc__health__v1__health_check_request__descriptor,
     &grpc__health__v1__health_check_response__descriptor};
+
+/* Unknown fields anywhere in m (single nested messages included). */
+static int has_unknown(const ProtobufCMessage *m) {
+  unsigned i;
+  if (m->n_unknown_fields) return 1;
+  for (i = 0; i < m->descriptor->n_fields; i++) {
+    const ProtobufCFieldDescriptor *f = &m->descriptor->fields[i];
+    if (f->type == PROTOBUF_C_TYPE_MESSAGE &&
+        f->label != PROTOBUF_C_LABEL_REPEATED) {
+      const ProtobufCMessage *sub =
+          *(ProtobufCMessage *const *)((const char *)m + f->offset);
+      if (sub && has_unknown(sub)) return 1;
+    }
+  }
+  return 0;
+}
 
 static grpc_slice flatten(grpc_byte_buffer *bb) {
   grpc_byte_buffer_reader r;
@@ -50,7 +66,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   bb = grpc_raw_byte_buffer_create(parts, 2);
   for (i = 0; i < sizeof descs / sizeof descs[0]; i++) {
     ProtobufCMessage *m = rp_decode(descs[i], bb);
-    if (m && m->n_unknown_fields == 0) {
+    if (m && !has_unknown(m)) {
       grpc_byte_buffer *again = rp_encode(m);
       ProtobufCMessage *m2 = rp_decode(descs[i], again);
       grpc_byte_buffer *third;
