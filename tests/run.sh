@@ -124,9 +124,15 @@ if has fuzz; then
   cp manifests/*.json "$corpus/manifest/"
   for t in manifest config codec squeue; do
     mkdir -p "$corpus/$t"
-    (cd "$corpus" && "$ROOT/build-fuzz/tests/fuzz_$t" \
-       -max_total_time="${RP_FUZZ_SECONDS:-20}" -rss_limit_mb=2048 \
-       -print_final_stats=0 "$corpus/$t" 2>&1 | grep -E "^(Done|==.*ERROR|SUMMARY)")
+    if ! "$ROOT/build-fuzz/tests/fuzz_$t" \
+         -max_total_time="${RP_FUZZ_SECONDS:-20}" -rss_limit_mb=2048 \
+         -print_final_stats=0 -artifact_prefix="$ROOT/build-fuzz/fuzz_$t-" \
+         "$corpus/$t" > "$corpus/$t.log" 2>&1; then
+      tail -n 60 "$corpus/$t.log"
+      echo "fuzz_$t failed; the input is in $ROOT/build-fuzz/"
+      exit 1
+    fi
+    grep -E "^Done" "$corpus/$t.log"
   done
   rm -rf "$corpus"
 fi
