@@ -750,6 +750,20 @@ static int handshake_target(const char *line, char *target, size_t len) {
   return 0;
 }
 
+/* Start the plugin command, read its handshake line and make a channel to
+ * the address it announces (not yet connected).  Dies on failure. */
+static grpc_channel *launch(child *c, char **argv, char *line, size_t linelen,
+                            char *target, size_t tlen) {
+  int status = 0;
+  if (spawn(c, argv) != 0) die("cannot spawn the plugin command");
+  if (read_line(c, line, linelen, 10000) != 0 ||
+      handshake_target(line, target, tlen) != 0) {
+    reap(c, 0, &status);
+    die("no handshake line from the plugin command");
+  }
+  return make_channel(target, 0);
+}
+
 /* A unary call with an empty request; returns the status code. */
 static int unary_empty(grpc_channel *ch, const char *method) {
   stream s;
@@ -790,14 +804,8 @@ static int cmd_lifecycle(long n, char **argv) {
     uint64_t t0, t_hs, t_ready, t_s0, t_s1, t_exit;
     int code, status = 0;
     t0 = rpb_now_ns();
-    if (spawn(&c, argv) != 0) die("cannot spawn the plugin command");
-    if (read_line(&c, line, sizeof line, 10000) != 0 ||
-        handshake_target(line, target, sizeof target) != 0) {
-      reap(&c, 0, &status);
-      die("no handshake line from the plugin command");
-    }
+    ch = launch(&c, argv, line, sizeof line, target, sizeof target);
     t_hs = rpb_now_ns();
-    ch = make_channel(target, 0);
     if (wait_ready(ch, 10000) != 0) die("cannot connect to the plugin");
     t_ready = rpb_now_ns();
     t_s0 = rpb_now_ns();
@@ -875,14 +883,8 @@ static int cmd_w2(long lines, long line_bytes, char **argv) {
   uint64_t t0, t_hs, t_open, t_all, t_exit;
   int status = 0, code;
   t0 = rpb_now_ns();
-  if (spawn(&c, argv) != 0) die("cannot spawn the plugin command");
-  if (read_line(&c, line, sizeof line, 10000) != 0 ||
-      handshake_target(line, target, sizeof target) != 0) {
-    reap(&c, 0, &status);
-    die("no handshake line from the plugin command");
-  }
+  ch = launch(&c, argv, line, sizeof line, target, sizeof target);
   t_hs = rpb_now_ns();
-  ch = make_channel(target, 0);
   stream_open(&s, ch, "/plugin.GRPCStdio/StreamStdio",
               grpc_raw_byte_buffer_create(&empty, 0), 1);
   wait_op(&s.md);

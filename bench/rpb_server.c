@@ -512,18 +512,35 @@ static void e_request(void) {
 
 /* ------------------------------------------------------ anchor setup */
 
+/* A one-shot event a completion sets and a control thread waits for. */
+typedef struct once_flag_ev {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  int done;
+} once_flag_ev;
+#define ONCE_FLAG_EV_INIT \
+  {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0}
+
+static void ev_set(once_flag_ev *e) {
+  pthread_mutex_lock(&e->mu);
+  e->done = 1;
+  pthread_cond_broadcast(&e->cv);
+  pthread_mutex_unlock(&e->mu);
+}
+
+static void ev_wait(once_flag_ev *e) {
+  pthread_mutex_lock(&e->mu);
+  while (!e->done) pthread_cond_wait(&e->cv, &e->mu);
+  pthread_mutex_unlock(&e->mu);
+}
+
 static tag shutdown_tag;
-static pthread_mutex_t sd_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t sd_cv = PTHREAD_COND_INITIALIZER;
-static int sd_done;
+static once_flag_ev sd_ev = ONCE_FLAG_EV_INIT;
 
 static void shutdown_done(tag *t, int ok) {
   (void)t;
   (void)ok;
-  pthread_mutex_lock(&sd_mu);
-  sd_done = 1;
-  pthread_cond_broadcast(&sd_cv);
-  pthread_mutex_unlock(&sd_mu);
+  ev_set(&sd_ev);
 }
 
 static int anchor_setup(const char *addr) {
@@ -573,9 +590,7 @@ static void anchor_stop(void) {
   echo_stopping = 1;
   grpc_server_shutdown_and_notify(server, cq, &shutdown_tag);
   grpc_server_cancel_all_calls(server);
-  pthread_mutex_lock(&sd_mu);
-  while (!sd_done) pthread_cond_wait(&sd_cv, &sd_mu);
-  pthread_mutex_unlock(&sd_mu);
+  ev_wait(&sd_ev);
   grpc_completion_queue_shutdown(cq);
   pthread_join(poller, NULL);
   if (mode == MODE_TRANSPORT) {
@@ -600,17 +615,12 @@ typedef struct pcall {
   int cancelled;
 } pcall;
 static pcall pc;
-static pthread_mutex_t p_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t p_cv = PTHREAD_COND_INITIALIZER;
-static int p_done;
+static once_flag_ev p_ev = ONCE_FLAG_EV_INIT;
 
 static void p_reply_done(tag *t, int ok) {
   (void)t;
   (void)ok;
-  pthread_mutex_lock(&p_mu);
-  p_done = 1;
-  pthread_cond_broadcast(&p_cv);
-  pthread_mutex_unlock(&p_mu);
+  ev_set(&p_ev);
 }
 
 static void p_request_done(tag *t, int ok) {
@@ -655,9 +665,7 @@ static int plugin_main(void) {
                                       cq, &pc.request);
   printf("1|1|unix|%s|grpc\n", path);
   fflush(stdout);
-  pthread_mutex_lock(&p_mu);
-  while (!p_done) pthread_cond_wait(&p_cv, &p_mu);
-  pthread_mutex_unlock(&p_mu);
+  ev_wait(&p_ev);
   anchor_stop();
   if (pc.call) grpc_call_unref(pc.call);
   if (pc.payload) grpc_byte_buffer_destroy(pc.payload);
