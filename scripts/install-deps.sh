@@ -4,9 +4,9 @@
 set -euo pipefail
 what=${1:-test}
 build_pkgs=(build-essential cmake pkg-config libgrpc-dev protobuf-c-compiler
-  libprotobuf-c-dev libcjson-dev protobuf-compiler libssl-dev)
+  libprotobuf-c-dev libcjson-dev protobuf-compiler libprotobuf-dev libssl-dev)
 test_pkgs=(python3-grpcio python3-protobuf python3-pytest python3-jsonschema
-  python3-cryptography valgrind clang
+  python3-cryptography valgrind clang iproute2 util-linux
   libclang-rt-14-dev golang-go golang-github-hashicorp-go-plugin-dev
   golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev
   golang-google-protobuf-dev golang-google-genproto-dev

@@ -322,13 +322,16 @@ def unshare_available():
                           capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(not unshare_available(),
-                    reason="needs unshare -n (root or user namespaces)")
 @pytest.mark.parametrize("allow", [False, True])
 def test_non_loopback_refused_without_connecting(make_host, tmp_path, allow):
     """In a private network namespace, 10.123.0.1 is a local address with a
     recording listener: a refused knock makes no connection at all; with
-    allow_non_loopback the same knock does connect (the listener works)."""
+    allow_non_loopback the same knock does connect (the listener works).
+    A security test: on the target platform (Debian 12, root, iproute2
+    installed by the test command) it fails rather than skip."""
+    assert unshare_available(), (
+        "this test needs `unshare -n` (root or user namespaces) and `ip` "
+        "(iproute2, installed by scripts/install-deps.sh)")
     d = tempfile.mkdtemp(prefix="rp-ns-")
     rec = os.path.join(d, "rec.py")
     with open(rec, "w") as f:
