@@ -81,6 +81,9 @@ static int resolve_module(const rpcplugin_manifest *m,
   }
   /* A bare file name: the manifest's folder, then the search path. */
   {
+    /* The manifest's folder, up to 40 search-path entries, up to 20 from
+     * $RPCPLUGIN_MODULE_PATH, <libdir>/rpcplugin and the configured folder:
+     * at most 63 (more entries are ignored). */
     const char *dirs[64];
     char libdir[PATH_MAX];
     size_t nd = 0, i;
@@ -97,7 +100,7 @@ static int resolve_module(const rpcplugin_manifest *m,
       char *save = NULL, *tok;
       envcopy = strdup(env);
       for (tok = envcopy ? strtok_r(envcopy, ":", &save) : NULL;
-           tok && nd < 63; tok = strtok_r(NULL, ":", &save))
+           tok && nd < 61; tok = strtok_r(NULL, ":", &save))
         dirs[nd++] = tok;
     }
     /* Next to this library: <libdir>/rpcplugin, wherever it was installed

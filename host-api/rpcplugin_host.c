@@ -47,6 +47,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
+#include <grp.h>
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
@@ -102,8 +103,11 @@ static struct {
   long kill_grace_ms;
   const char *module_paths[MAX_MODULE_PATHS + 3];
   size_t nmodule_paths;
-  int ignore_sigint;
+  int exit_on_sigint;
+  int full_teardown;
   int log_level;
+  gid_t sock_gid; /* PLUGIN_UNIX_SOCKET_GROUP */
+  int has_sock_gid;
   const char *manifest_path;
   char **command;
 
@@ -177,8 +181,10 @@ static void usage(FILE *f) {
 "GRPCStdio, GRPCController, health) as a go-plugin plugin: check the magic\n"
 "cookie, negotiate the protocol version, listen, print the handshake line on\n"
 "stdout, then forward this process's stdout/stderr, and COMMAND's, to the\n"
-"client through GRPCStdio.  Exits 0 after Shutdown, SIGTERM, SIGINT, SIGHUP\n"
-"or (by default) the end of COMMAND.\n"
+"client through GRPCStdio.  Exits 0 after Shutdown, SIGTERM, SIGHUP or (by\n"
+"default) the end of COMMAND.  SIGINT is ignored, as go-plugin's own plugins\n"
+"do: Ctrl-C reaches the whole process group and the client stops its plugins\n"
+"itself.\n"
 "\n"
 "Options (before MANIFEST):\n"
 "  --magic-cookie KEY=VALUE  refuse to run (exit 1) unless the environment\n"
@@ -191,7 +197,13 @@ static void usage(FILE *f) {
 "  --kill-grace MS           SIGTERM-to-SIGKILL time for COMMAND's process\n"
 "                            group at exit (default %d)\n"
 "  --module-path DIR         look for the manifest's module in DIR too\n"
-"  --ignore-sigint           ignore SIGINT, as go-plugin's own plugins do\n"
+"  --exit-on-sigint          make SIGINT a graceful exit too (default: ignore\n"
+"                            it, as go-plugin's own plugins do)\n"
+"  --ignore-sigint           ignore SIGINT (the default; kept for scripts)\n"
+"  --full-teardown           before exiting, also unload the module, destroy\n"
+"                            the server and shut gRPC down (for leak checkers;\n"
+"                            by default the host exits once everything was\n"
+"                            flushed, stopped and removed)\n"
 "  -v, --verbose             more host and module messages (twice: debug)\n"
 "  -h, --help                this help\n"
 "  -V, --version             version information\n"
@@ -200,11 +212,17 @@ static void usage(FILE *f) {
 "the module's bounded queue until a client calls StreamStdio; the manifest's\n"
 "config.stdio.overflow decides what a full queue does (manifests/host.json:\n"
 "drop the oldest, so clients that never read, like go-plugin < 1.3, never\n"
-"block COMMAND; \"block\": COMMAND waits, as on a pipe).\n"
+"block COMMAND; \"block\": COMMAND waits, as on a pipe).  When COMMAND exits,\n"
+"the host goes on serving until a StreamStdio client has read what is queued,\n"
+"or config.stdio.flush_deadline_ms has passed since the exit.\n"
 "\n"
 "Environment (go-plugin's): PLUGIN_PROTOCOL_VERSIONS, PLUGIN_MIN_PORT,\n"
-"PLUGIN_MAX_PORT, PLUGIN_UNIX_SOCKET_DIR, PLUGIN_CLIENT_CERT (AutoMTLS);\n"
-"RPCPLUGIN_MODULE_PATH (module search path), TMPDIR.\n",
+"PLUGIN_MAX_PORT, PLUGIN_UNIX_SOCKET_DIR, PLUGIN_UNIX_SOCKET_GROUP (group name\n"
+"or gid owning the socket and its folder: the socket is read/write and the\n"
+"folder searchable for that group only), PLUGIN_CLIENT_CERT (AutoMTLS),\n"
+"PLUGIN_MULTIPLEX_GRPC (not supported: the handshake line keeps its 5 or 6\n"
+"fields and a note goes to stderr); RPCPLUGIN_MODULE_PATH (module search\n"
+"path), TMPDIR.\n",
           DEFAULT_KILL_GRACE_MS);
   /* clang-format on */
 }
@@ -247,7 +265,9 @@ static int parse_args(int argc, char **argv) {
     O_NOEXIT,
     O_GRACE,
     O_MODPATH,
-    O_NOSIGINT
+    O_NOSIGINT,
+    O_SIGINT,
+    O_TEARDOWN
   };
   static const struct option longopts[] = {
       {"magic-cookie", required_argument, NULL, O_COOKIE},
@@ -258,6 +278,8 @@ static int parse_args(int argc, char **argv) {
       {"kill-grace", required_argument, NULL, O_GRACE},
       {"module-path", required_argument, NULL, O_MODPATH},
       {"ignore-sigint", no_argument, NULL, O_NOSIGINT},
+      {"exit-on-sigint", no_argument, NULL, O_SIGINT},
+      {"full-teardown", no_argument, NULL, O_TEARDOWN},
       {"verbose", no_argument, NULL, 'v'},
       {"help", no_argument, NULL, 'h'},
       {"version", no_argument, NULL, 'V'},
@@ -325,7 +347,13 @@ static int parse_args(int argc, char **argv) {
         H.module_paths[H.nmodule_paths++] = optarg;
         break;
       case O_NOSIGINT:
-        H.ignore_sigint = 1;
+        H.exit_on_sigint = 0;
+        break;
+      case O_SIGINT:
+        H.exit_on_sigint = 1;
+        break;
+      case O_TEARDOWN:
+        H.full_teardown = 1;
         break;
       case 'v':
         if (H.log_level < RPCPLUGIN_LOG_DEBUG) H.log_level++;
@@ -453,6 +481,46 @@ static int port_range(long *lo, long *hi) {
   return 0;
 }
 
+/* PLUGIN_UNIX_SOCKET_GROUP, as go-plugin reads it: a numeric gid, else a
+ * group name.  0 when unset (or with tcp), -1 after a message. */
+static int socket_group(void) {
+  const char *g = getenv("PLUGIN_UNIX_SOCKET_GROUP");
+  long v;
+  if (g == NULL || *g == '\0' || H.network != NET_UNIX) return 0;
+  if (parse_long(g, 0, INT_MAX, &v) == 0) {
+    H.sock_gid = (gid_t)v;
+  } else {
+    struct group gr, *res = NULL;
+    char buf[16384];
+    int e = getgrnam_r(g, &gr, buf, sizeof buf, &res);
+    if (res == NULL) {
+      early("PLUGIN_UNIX_SOCKET_GROUP: no group named \"%s\"%s%s", g,
+            e ? ": " : "", e ? strerror(e) : "");
+      return -1;
+    }
+    H.sock_gid = res->gr_gid;
+  }
+  H.has_sock_gid = 1;
+  return 0;
+}
+
+/* Give the socket, then its folder, to PLUGIN_UNIX_SOCKET_GROUP: read and
+ * write on the socket, search on the folder, for that group only.  The
+ * folder is still 0700 while the socket changes, so nobody else can reach
+ * the socket in between. */
+static int share_socket_with_group(void) {
+  const char *what = H.sock_path;
+  if (chown(H.sock_path, (uid_t)-1, H.sock_gid) != 0 ||
+      chmod(H.sock_path, 0660) != 0 ||
+      (what = H.sock_dir, chown(H.sock_dir, (uid_t)-1, H.sock_gid) != 0) ||
+      chmod(H.sock_dir, 0710) != 0) {
+    early("PLUGIN_UNIX_SOCKET_GROUP: cannot give %s to group %lu: %s", what,
+          (unsigned long)H.sock_gid, strerror(errno));
+    return -1;
+  }
+  return 0;
+}
+
 /* ------------------------------------------------------------ listen */
 
 /* Would 127.0.0.1:port bind now?  Keeps gRPC from logging an error for
@@ -506,6 +574,7 @@ static int listen_on(grpc_server *server, grpc_server_credentials *creds,
       early("cannot listen on %s", H.sock_path);
       return -1;
     }
+    if (H.has_sock_gid && share_socket_with_group() != 0) return -1;
     snprintf(addr, addrlen, "%s", H.sock_path);
     return 0;
   } else {
@@ -564,14 +633,23 @@ static int pipe_sink(void *ctx, int channel, const void *data, size_t len) {
  * policies can only keep chunks smaller than the whole queue, and a few
  * chunks in the queue at once keep the stream busy.
  */
-static size_t stdio_chunk_bytes(const rpcplugin_manifest *m) {
-  double queue = 8 << 20;
+/* config.stdio.KEY of the manifest (the loader checked its type and range
+ * already), or dflt. */
+static double stdio_setting(const rpcplugin_manifest *m, const char *key,
+                            double dflt) {
   cJSON *root = cJSON_Parse(rpcplugin_manifest_config_json(m));
   const cJSON *stdio = cJSON_GetObjectItemCaseSensitive(root, "stdio");
-  const cJSON *qb = cJSON_GetObjectItemCaseSensitive(stdio, "queue_bytes");
-  size_t chunk;
-  if (cJSON_IsNumber(qb) && qb->valuedouble > 0) queue = qb->valuedouble;
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(stdio, key);
+  double out = dflt;
+  if (cJSON_IsNumber(v) && v->valuedouble >= 0) out = v->valuedouble;
   cJSON_Delete(root);
+  return out;
+}
+
+static size_t stdio_chunk_bytes(const rpcplugin_manifest *m) {
+  double queue = stdio_setting(m, "queue_bytes", 8 << 20);
+  size_t chunk;
+  if (queue <= 0) queue = 8 << 20;
   chunk = (size_t)(queue / 8);
   if (chunk < 256) chunk = 256;
   if (chunk > (1u << 20)) chunk = 1u << 20;
@@ -762,11 +840,76 @@ static void log_stats(void) {
       (unsigned long long)st.broker_messages_in);
 }
 
+/* Read the signals that are pending; returns R_SIGNAL for one that stops
+ * the host (SIGTERM, SIGHUP, SIGINT with --exit-on-sigint), else R_NONE.
+ * SIGCHLD reaps. */
+static int read_signals(void) {
+  struct signalfd_siginfo si;
+  int reason = R_NONE;
+  while (read(H.sig_fd, &si, sizeof si) == (ssize_t)sizeof si) {
+    switch (si.ssi_signo) {
+      case SIGCHLD:
+        reap();
+        break;
+      case SIGINT:
+        if (!H.exit_on_sigint) {
+          if (H.log_level >= RPCPLUGIN_LOG_INFO) say("ignoring SIGINT");
+          break;
+        }
+        /* fall through */
+      default:
+        reason = R_SIGNAL;
+        break;
+    }
+  }
+  return reason;
+}
+
+/*
+ * COMMAND exited: what it wrote must not be lost because the client had
+ * not opened StreamStdio yet.  Hand everything the pipes hold to the
+ * module, then keep serving until the queue is empty (a stream took it
+ * all; the shutdown that follows flushes what is in flight) or
+ * flush_deadline_ms passed since the exit, whichever comes first, or until
+ * Shutdown or a signal says stop.  Returns the reason to stop.
+ */
+static int serve_until_flushed(int64_t exit_ms, long flush_deadline_ms) {
+  int64_t deadline = exit_ms + flush_deadline_ms;
+  release_stdio();
+  host_pipes_stop(H.pipes, DRAIN_MS);
+  if (!host_pipes_wait(H.pipes, DRAIN_WAIT_MS) &&
+      H.log_level >= RPCPLUGIN_LOG_INFO)
+    say("stdio reader still blocked in put_line after the child exited");
+  for (;;) {
+    struct pollfd fds[2] = {{H.sig_fd, POLLIN, 0}, {H.wake_fd, POLLIN, 0}};
+    rpcplugin_stats st;
+    int64_t left;
+    memset(&st, 0, sizeof st);
+    st.struct_size = sizeof st;
+    if (rpcplugin_module_get_stats(H.mod, &st) != 0 ||
+        st.stdio_queue_bytes == 0)
+      return R_CHILD;
+    left = deadline - now_ms();
+    if (left <= 0) {
+      if (H.log_level >= RPCPLUGIN_LOG_INFO)
+        say("child exited %ld ms ago and %llu bytes of its output are still "
+            "queued (no StreamStdio client took them): shutting down",
+            flush_deadline_ms, (unsigned long long)st.stdio_queue_bytes);
+      return R_CHILD;
+    }
+    /* The queue has no event for "empty" that the host can wait on: look
+     * again every 2 ms (a client that reads empties it within that). */
+    if (poll(fds, 2, left < 2 ? (int)left : 2) < 0 && errno != EINTR)
+      return R_CHILD;
+    if (fds[1].revents) return R_SHUTDOWN;
+    if (fds[0].revents && read_signals() == R_SIGNAL) return R_SIGNAL;
+  }
+}
+
 /* Wait for a reason to stop. */
 static int main_loop(void) {
   for (;;) {
     struct pollfd fds[2] = {{H.sig_fd, POLLIN, 0}, {H.wake_fd, POLLIN, 0}};
-    struct signalfd_siginfo si;
     int reason = R_NONE;
     if (poll(fds, 2, -1) < 0) {
       if (errno == EINTR) continue;
@@ -774,24 +917,12 @@ static int main_loop(void) {
       return R_SIGNAL;
     }
     if (fds[1].revents) reason = R_SHUTDOWN;
-    while (read(H.sig_fd, &si, sizeof si) == (ssize_t)sizeof si) {
-      switch (si.ssi_signo) {
-        case SIGCHLD:
-          reap();
-          if (H.child > 0 && H.child_reaped && H.exit_with_child &&
-              reason == R_NONE)
-            reason = R_CHILD;
-          break;
-        case SIGINT:
-          if (H.ignore_sigint) {
-            if (H.log_level >= RPCPLUGIN_LOG_INFO) say("ignoring SIGINT");
-            break;
-          }
-          /* fall through */
-        default:
-          if (reason == R_NONE) reason = R_SIGNAL;
-          break;
-      }
+    if (fds[0].revents) {
+      int r = read_signals();
+      if (reason == R_NONE) reason = r;
+      if (reason == R_NONE && H.child > 0 && H.child_reaped &&
+          H.exit_with_child)
+        reason = R_CHILD;
     }
     if (reason != R_NONE) return reason;
   }
@@ -842,12 +973,27 @@ int main(int argc, char **argv) {
   memset(&cert, 0, sizeof cert);
   H.orig_out = H.orig_err = H.diag_nb = H.sig_fd = H.wake_fd = -1;
   atomic_store(&H.diag_fd, 2);
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  H.full_teardown = 1; /* leak checkers look at the heap at exit */
+#endif
   rc = parse_args(argc, argv);
   if (rc >= 0) return rc;
 
   /* 1. Cookie and version. */
   if (check_cookie()) return 1;
   app_version = negotiate_version();
+  if (socket_group() != 0) return 1;
+  {
+    /* go-plugin >= 1.6 asks for broker multiplexing this way; a plugin
+     * that serves it adds a 7th field "true" to the handshake line.  This
+     * one does not: the line keeps its fields, and the client decides (one
+     * that requires multiplexing reports ErrGRPCBrokerMuxNotSupported). */
+    const char *mux = getenv("PLUGIN_MULTIPLEX_GRPC");
+    if (mux && *mux)
+      early(
+          "PLUGIN_MULTIPLEX_GRPC is set, but this plugin does not support "
+          "gRPC broker multiplexing: serving without it");
+  }
 
   /* Signals: blocked in every thread (gRPC's included, so set before
    * grpc_init) and read from a signalfd by the main thread. */
@@ -970,6 +1116,14 @@ int main(int argc, char **argv) {
     reason = R_CHILD;
   else
     reason = main_loop();
+  if (reason == R_CHILD && !H.fallback) {
+    int64_t exit_ms = now_ms();
+    long flush_ms = (long)stdio_setting(manifest, "flush_deadline_ms", 1000);
+    /* The rest of the child's process group goes first: what it wrote is
+     * then all in the pipes. */
+    terminate_group();
+    reason = serve_until_flushed(exit_ms, flush_ms);
+  }
   if (H.log_level >= RPCPLUGIN_LOG_INFO)
     say("shutting down (%s)", reason == R_SHUTDOWN ? "Shutdown requested"
                               : reason == R_CHILD  ? "child exited"
@@ -999,27 +1153,28 @@ int main(int argc, char **argv) {
           "or shut down)",
           (unsigned long long)ps.bytes_lost, (unsigned long long)ps.bytes_read);
   }
+  /* Everything a client or the file system can see is done now: the
+   * replies and the queued output went out, streams ended with OK, the
+   * module stopped.  Remove the socket, and exit. */
+  remove_socket();
+  if (!H.full_teardown) {
+    /* What is left is memory, threads and mappings of this process:
+     * unloading the module, destroying the server and gRPC's global
+     * teardown (with the exit handlers of ~60 shared libraries) would
+     * only make a go-plugin client's Kill() wait for what the kernel does
+     * anyway.  --full-teardown (always under sanitizers) runs it all. */
+    trace_phase("exit", t0);
+    fflush(NULL);
+    _exit(0);
+  }
   rpcplugin_runtime_destroy(rt);
   trace_phase("module unloaded", t0);
   grpc_server_destroy(server);
-  remove_socket();
   rpcplugin_manifest_free(manifest);
   host_tls_free(&cert);
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-  /* Leak checkers look at the heap at exit: tear gRPC down completely. */
   grpc_shutdown_blocking();
   trace_phase("gRPC shut down", t0);
   return 0;
-#else
-  /* Everything of ours is stopped, unloaded, removed and freed.  What is
-   * left is gRPC's global teardown and the C library's exit handlers of ~60
-   * shared libraries: about 0.7 ms that a go-plugin client's Kill() spends
-   * waiting for the process to be gone, for nothing the kernel would not do
-   * itself. */
-  trace_phase("exit", t0);
-  fflush(NULL);
-  _exit(0);
-#endif
 
 fail:
   /* Before the handshake (or right at it): undo and exit 1. */

@@ -19,7 +19,9 @@
  * is made while it is held, and handlers run without it.
  */
 #include "internal.h"
+#include "monotime.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -34,6 +36,9 @@
  * burst of new calls waits in the server until one is requested. */
 #define REQUESTS_PER_METHOD 16
 #define REQUESTS_GENERIC 4
+/* At shutdown, how long connections may take to close by themselves after
+ * the GOAWAY before the remaining calls are cancelled. */
+#define RT_CLOSE_GRACE_MS 300
 
 enum rt_state { RT_CREATED, RT_STARTED, RT_STOPPING, RT_STOPPED };
 
@@ -234,25 +239,44 @@ static void request_done(rpcplugin_tag *t, int ok) {
 
   if (r->m == NULL) {
     char text[512];
+    int stopping;
+    pthread_mutex_lock(&rt->mu);
+    stopping = rt->state != RT_STARTED;
+    pthread_mutex_unlock(&rt->mu);
     snprintf(text, sizeof text, "Method not found: %s",
              unknown ? unknown : "?");
     gpr_free(unknown);
-    reject_call(rt, call, GRPC_STATUS_UNIMPLEMENTED, text);
+    /* While stopping, every call is told the server is going away, never
+     * that a method does not exist. */
+    if (stopping)
+      reject_call(rt, call, GRPC_STATUS_UNAVAILABLE,
+                  "plugin is shutting down");
+    else
+      reject_call(rt, call, GRPC_STATUS_UNIMPLEMENTED, text);
     return;
   } else {
     rt_method *m = r->m;
     rpcplugin_call_handler handler;
     void *hctx;
     rp_binding *owner;
+    int stopping;
     pthread_mutex_lock(&rt->mu);
     handler = m->handler;
     hctx = m->handler_ctx;
     owner = m->owner;
-    if (owner) owner->inflight++;
+    stopping = rt->state != RT_STARTED;
+    if (owner && handler) owner->inflight++;
     pthread_mutex_unlock(&rt->mu);
     if (handler == NULL) {
       char text[512];
       if (payload) grpc_byte_buffer_destroy(payload);
+      if (stopping) {
+        /* The module already let go of its routes: the method exists,
+         * the server is going away (grpc-go answers the same). */
+        reject_call(rt, call, GRPC_STATUS_UNAVAILABLE,
+                    "plugin is shutting down");
+        return;
+      }
       snprintf(text, sizeof text, "Method not found: %s", m->path);
       reject_call(rt, call, GRPC_STATUS_UNIMPLEMENTED, text);
       return;
@@ -488,7 +512,7 @@ int rpcplugin_runtime_create(const rpcplugin_runtime_options *opts,
   if (rt->opts.poll_threads > 64) rt->opts.poll_threads = 64;
   rt->server = opts->server;
   pthread_mutex_init(&rt->mu, NULL);
-  pthread_cond_init(&rt->cv, NULL);
+  rp_cond_init_monotonic(&rt->cv);
   rt->shutdown_tag.on_done = shutdown_tag_done;
   grpc_init();
   rt->cq = grpc_completion_queue_create_for_next(NULL);
@@ -568,9 +592,22 @@ int rpcplugin_runtime_start(rpcplugin_runtime *rt, rpcplugin_error *err) {
   return 0;
 }
 
+/* Debug log: how long a shutdown step took (since t0, CLOCK_MONOTONIC). */
+static void trace_step(rpcplugin_runtime *rt, const struct timespec *t0,
+                       const char *what) {
+  struct timespec now;
+  if (rt->opts.log == NULL || rt->opts.log_level < RPCPLUGIN_LOG_DEBUG) return;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  rp_runtime_log(rt, RPCPLUGIN_LOG_DEBUG, "rpcplugin: shutdown: %s after %.3f ms",
+                 what,
+                 (double)(now.tv_sec - t0->tv_sec) * 1e3 +
+                     (double)(now.tv_nsec - t0->tv_nsec) / 1e6);
+}
+
 int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
   int was_started;
   unsigned p;
+  struct timespec t0;
   if (rt == NULL) return RPCPLUGIN_EINVAL;
   if (tls_poller != NULL) return RPCPLUGIN_EWRONGTHREAD;
 
@@ -583,6 +620,7 @@ int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
   was_started = rt->state == RT_STARTED;
   rt->state = RT_STOPPING;
   pthread_mutex_unlock(&rt->mu);
+  clock_gettime(CLOCK_MONOTONIC, &t0);
 
   /* 1. Stop accepting: no new calls; calls in progress go on.  Also for a
    * server that never started: gRPC refuses to destroy a server with
@@ -608,9 +646,26 @@ int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
       rp_module_shut(mod);
     }
   }
+  trace_step(rt, &t0, "modules stopped");
 
-  /* 3. Whatever is left (the host's own calls, rejections).  Without
-   * pollers the shutdown tag comes back in the drain below. */
+  /* 3. Let the connections close by themselves first: after its GOAWAY the
+   * transport closes once its last stream is gone and everything it queued
+   * (the Shutdown reply among it) was written, and only then does the
+   * shutdown tag come back.  Cancelling at once would disconnect with
+   * replies still unwritten.  A peer that never answers the GOAWAY's ping
+   * (or a call of the host's own that never ends) is cut off after
+   * RT_CLOSE_GRACE_MS; without pollers the tag comes back only in the drain
+   * below. */
+  if (was_started && rt->npollers) {
+    struct timespec until;
+    rp_deadline_after_ms(&until, RT_CLOSE_GRACE_MS);
+    pthread_mutex_lock(&rt->mu);
+    while (!rt->server_down)
+      if (pthread_cond_timedwait(&rt->cv, &rt->mu, &until) == ETIMEDOUT) break;
+    pthread_mutex_unlock(&rt->mu);
+    trace_step(rt, &t0, rt->server_down ? "connections closed"
+                                        : "connections still open");
+  }
   grpc_server_cancel_all_calls(rt->server);
   if (was_started) {
     pthread_mutex_lock(&rt->mu);
@@ -635,6 +690,7 @@ int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
     }
   }
 
+  trace_step(rt, &t0, "pollers joined");
   pthread_mutex_lock(&rt->mu);
   rt->state = RT_STOPPED;
   pthread_cond_broadcast(&rt->cv);

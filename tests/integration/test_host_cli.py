@@ -57,7 +57,7 @@ def test_handshake_tcp_port_range(hosts):
         assert h.handshake.line == "1|1|tcp|127.0.0.1:%d|grpc" % (port + 1)
         ch = h.channel()
         assert h.health(ch) == 1
-        h.signal(signal.SIGINT)
+        h.signal(signal.SIGTERM)
         assert h.wait() == 0
     finally:
         busy.close()
@@ -155,8 +155,9 @@ def test_bad_port_env():
     assert r.returncode == 1 and b"greater than PLUGIN_MAX_PORT" in r.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT,
-                                 signal.SIGHUP], ids=lambda s: s.name)
+# SIGINT is ignored by default: test_host_conventions.py.
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP],
+                         ids=lambda s: s.name)
 def test_signals_exit_gracefully(hosts, sig):
     h = hosts()
     d = os.path.dirname(h.handshake.address)
@@ -167,20 +168,6 @@ def test_signals_exit_gracefully(hosts, sig):
     assert not os.path.exists(d)
     # Nothing but the handshake ever reached stdout.
     assert h.next_line() is None
-
-
-def test_ignore_sigint(hosts):
-    h = hosts(options=["--ignore-sigint", "-v"])
-    ch = h.channel()
-    out = Stdio(ch)
-    h.signal(signal.SIGINT)
-    # -v: the host says it ignored the signal (on its stderr channel).
-    out.wait_contains(2, b"ignoring SIGINT")
-    assert h.health(ch) == 1
-    assert h.proc.poll() is None
-    h.signal(signal.SIGTERM)
-    assert out.wait_end() == grpc.StatusCode.OK
-    assert h.wait() == 0
 
 
 def test_unimplemented_and_shutdown_twice(hosts):

@@ -51,11 +51,12 @@ def tmpdir_clean():
 
 
 def launch(tmpdir, client_args, host_args, command=None, timeout=60,
-           wrapper=()):
+           wrapper=(), env_extra=None):
     env = dict(os.environ)
     for k in list(env):
         if k.startswith("PLUGIN_"):
             del env[k]
+    env.update(env_extra or {})
     env["TMPDIR"] = tmpdir  # the host's socket directory goes here
     env["RPCPLUGIN_MODULE_PATH"] = os.path.join(BUILD, "lib")
     argv = ([gpclient(), "launch", "--timeout=%ds" % int(10 * SLOW)] +
@@ -88,12 +89,18 @@ def kv(line):
     return dict(re.findall(r'(\w+)=("[^"]*"|\S+)', line))
 
 
+@pytest.mark.parametrize("mux", [False, True], ids=["", "mux-requested"])
 @pytest.mark.parametrize("automtls", [False, True], ids=["plain", "automtls"])
 @pytest.mark.parametrize("network", ["unix", "tcp"])
-def test_go_plugin_client(tmpdir_clean, network, automtls):
+def test_go_plugin_client(tmpdir_clean, network, automtls, mux):
+    """With PLUGIN_MULTIPLEX_GRPC set (as a go-plugin >= 1.6 client that
+    asks for multiplexing does), the line keeps its 5 or 6 fields: a
+    v1.0.1 client, which splits it into at most 6, still works."""
     client = ["--automtls"] if automtls else []
     rc, lines, err = launch(tmpdir_clean, client,
-                            [COOKIE, "-vv", "--network", network])
+                            [COOKIE, "-vv", "--network", network],
+                            env_extra={"PLUGIN_MULTIPLEX_GRPC": "true"}
+                            if mux else None)
     assert rc == 0, "\n".join(lines) + err
     hs = kv(field(lines, "HANDSHAKE"))
     assert hs["network"] == network and hs["protocol"] == "grpc"
@@ -107,6 +114,9 @@ def test_go_plugin_client(tmpdir_clean, network, automtls):
     assert k["signal"] == '"none"' and k["exited"] == "true"
     assert float(k["elapsed_ms"]) < KILL_BOUND_MS * SLOW, k
     assert lines[-1] == "DONE"
+    notes = [l for l in lines if "does not support gRPC broker multiplexing"
+             in l]
+    assert len(notes) == (1 if mux else 0), lines
     # The host's socket directory is gone with it.
     assert not [n for n in os.listdir(tmpdir_clean)
                 if n.startswith("rpcplugin-")]
