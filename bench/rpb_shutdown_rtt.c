@@ -7,7 +7,7 @@
  *
  *   rpb_shutdown_rtt MODULE_DIR [N]
  *
- * (SPEC's W3 measures one Shutdown per process lifetime; this is the
+ * (W3 in docs/benchmarks.md measures one Shutdown per process lifetime; this is the
  * steady-state round trip over many calls.)
  *
  * Prints "RESULT {json}": medians and p99 in microseconds.

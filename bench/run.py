@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Run every benchmark of BENCH.md with its anchors in the same run.
+"""Run every benchmark of docs/benchmarks.md with its anchors in the same run.
 
     run.py [--quick] [--reps N] [--only W1,W4,...] BUILD_DIR
 

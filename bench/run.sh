@@ -1,5 +1,5 @@
 #!/bin/sh
-# Build what the benchmarks need and run them all (BENCH.md).
+# Build what the benchmarks need and run them all (docs/benchmarks.md).
 #
 #   bench/run.sh [--quick] [--reps N] [--only W1,W4,...] [BUILD_DIR]
 #   bench/run.sh --profile [BUILD_DIR]     callgrind profiles of the module

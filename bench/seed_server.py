@@ -1,7 +1,9 @@
 #!/usr/bin/python3
 """Anchor "seed design": the seed's GRPCStdioService on grpc.aio.
 
-This follows /work/shared/seed/pyvider-rpcplugin-protocol-service.txt:
+This follows the design rpcplugin was started from (a Python
+implementation, pyvider-rpcplugin, whose protocol-service reference page
+describes it):
 an unbounded asyncio.Queue, an async put_line that wraps each line in a
 StdioData and puts it on the queue, and a StreamStdio async generator that
 yields the queued items.  The seed does not show _stream_items; the loop
