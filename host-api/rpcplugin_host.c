@@ -14,7 +14,9 @@
  *      127.0.0.1 within PLUGIN_MIN_PORT..PLUGIN_MAX_PORT), the runtime and
  *      the module;
  *   3. the handshake line "1|APP|NETWORK|ADDRESS|grpc[|CERT]", written to
- *      stdout with one write(2);
+ *      stdout with one write(2) as soon as the socket listens and the module
+ *      is loaded; then the server, the runtime and the pipe reader start (a
+ *      client that connected meanwhile waits in the listen backlog);
  *   4. fds 1 and 2 become pipes read by host_pipes.c and fed to put_line;
  *      only then COMMAND starts, in its own process group, with stdin from
  *      /dev/null and stdout/stderr on those pipes.  Neither the child nor
@@ -811,6 +813,13 @@ static int64_t now_us(void) {
   return (int64_t)ts.tv_sec * 1000000 + ts.tv_nsec / 1000;
 }
 
+/* -vv: how long each startup step took, on the original stderr. */
+static void trace_startup(const char *what, int64_t t0) {
+  if (H.log_level >= RPCPLUGIN_LOG_DEBUG)
+    early("startup: %s %.3f ms after main()", what,
+          (double)(now_us() - t0) / 1000.0);
+}
+
 /* -vv: how long each step of the graceful path took. */
 static void trace_phase(const char *what, int64_t t0) {
   if (H.log_level >= RPCPLUGIN_LOG_DEBUG)
@@ -1028,10 +1037,13 @@ int main(int argc, char **argv) {
     }
   }
 
+  trace_startup("manifest read", t0);
   grpc_init();
+  trace_startup("gRPC initialised", t0);
   grpc_up = 1;
   gpr_set_log_function(on_gpr_log);
   server = grpc_server_create(NULL, NULL);
+  trace_startup("server created", t0);
   if (cert.cert_pem) {
     grpc_ssl_pem_key_cert_pair pair = {cert.key_pem, cert.cert_pem};
     creds = grpc_ssl_server_credentials_create_ex(
@@ -1045,6 +1057,7 @@ int main(int argc, char **argv) {
     goto fail;
   }
   rc = listen_on(server, creds, addr, sizeof addr);
+  trace_startup("listening", t0);
   grpc_server_credentials_release(creds);
   if (rc) goto fail;
 
@@ -1069,6 +1082,24 @@ int main(int argc, char **argv) {
     early("cannot create the stdio pipes: %s", strerror(-rc));
     goto fail;
   }
+  trace_startup("module loaded", t0);
+
+  /* 3. The handshake: one write, so it is flushed at once.  The socket
+   * already listens (grpc_server_add_http2_port binds and listens), so a
+   * client that connects now waits in the kernel's backlog until the
+   * server starts below; go-plugin's own plugins also print the line
+   * before they serve.  What can still fail after it is only the creation
+   * of threads. */
+  len = (size_t)snprintf(line, sizeof line, "1|%d|%s|%s|grpc%s%s\n",
+                         app_version, H.network == NET_UNIX ? "unix" : "tcp",
+                         addr, cert.cert_b64 ? "|" : "",
+                         cert.cert_b64 ? cert.cert_b64 : "");
+  if (write_all(1, line, len) != 0) {
+    early("cannot write the handshake line to stdout: %s", strerror(errno));
+    goto fail;
+  }
+  trace_startup("handshake line written", t0);
+
   grpc_server_start(server);
   started = 1;
   if (rpcplugin_runtime_start(rt, &err) != 0) {
@@ -1081,20 +1112,7 @@ int main(int argc, char **argv) {
     early("cannot start the stdio reader: %s", strerror(-rc));
     goto fail;
   }
-
-  /* 3. The handshake: one write, so it is flushed at once. */
-  len = (size_t)snprintf(line, sizeof line, "1|%d|%s|%s|grpc%s%s\n",
-                         app_version, H.network == NET_UNIX ? "unix" : "tcp",
-                         addr, cert.cert_b64 ? "|" : "",
-                         cert.cert_b64 ? cert.cert_b64 : "");
-  if (write_all(1, line, len) != 0) {
-    early("cannot write the handshake line to stdout: %s", strerror(errno));
-    goto fail;
-  }
-
-  if (H.log_level >= RPCPLUGIN_LOG_DEBUG)
-    early("startup: handshake line written %.3f ms after main()",
-          (double)(now_us() - t0) / 1000.0);
+  trace_startup("serving", t0);
 
   /* 4. stdout/stderr through put_line from now on, then the child. */
   if (redirect_stdio() != 0) {
