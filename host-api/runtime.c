@@ -36,9 +36,6 @@
  * burst of new calls waits in the server until one is requested. */
 #define REQUESTS_PER_METHOD 16
 #define REQUESTS_GENERIC 4
-/* At shutdown, how long connections may take to close by themselves after
- * the GOAWAY before the remaining calls are cancelled. */
-#define RT_CLOSE_GRACE_MS 300
 
 enum rt_state { RT_CREATED, RT_STARTED, RT_STOPPING, RT_STOPPED };
 
@@ -648,30 +645,35 @@ int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
   }
   trace_step(rt, &t0, "modules stopped");
 
-  /* 3. Let the connections close by themselves first: after its GOAWAY the
-   * transport closes once its last stream is gone and everything it queued
-   * (the Shutdown reply among it) was written, and only then does the
-   * shutdown tag come back.  Cancelling at once would disconnect with
-   * replies still unwritten.  A peer that never answers the GOAWAY's ping
-   * (or a call of the host's own that never ends) is cut off after
-   * RT_CLOSE_GRACE_MS; without pollers the tag comes back only in the drain
-   * below. */
-  if (was_started && rt->npollers) {
+  /* 3. Let the connections close by themselves first (close_grace_ms).
+   * The C core hands a call's final status to the transport and completes
+   * the batch before the bytes are written, and a client that writes
+   * anything (a ping ack, a window update) to a connection the server has
+   * already closed fails all its calls, even one whose reply it had
+   * received: cutting connections at once loses the Shutdown reply now and
+   * then.  A client that never closes an idle connection (C core) is cut
+   * after the grace; without pollers the shutdown tag comes back only in
+   * the drain below. */
+  if (was_started && rt->npollers && rt->opts.close_grace_ms >= 0) {
     struct timespec until;
-    rp_deadline_after_ms(&until, RT_CLOSE_GRACE_MS);
+    rp_deadline_after_ms(&until, rt->opts.close_grace_ms
+                                     ? rt->opts.close_grace_ms
+                                     : RPCPLUGIN_CLOSE_GRACE_MS);
     pthread_mutex_lock(&rt->mu);
     while (!rt->server_down)
       if (pthread_cond_timedwait(&rt->cv, &rt->mu, &until) == ETIMEDOUT) break;
     pthread_mutex_unlock(&rt->mu);
     trace_step(rt, &t0, rt->server_down ? "connections closed"
-                                        : "connections still open");
+                                        : "connections cut after the grace");
   }
+  /* Whatever is left: the host's own calls, rejections, open connections. */
   grpc_server_cancel_all_calls(rt->server);
   if (was_started) {
     pthread_mutex_lock(&rt->mu);
     while (!rt->server_down || rt->outstanding > 0)
       pthread_cond_wait(&rt->cv, &rt->mu);
     pthread_mutex_unlock(&rt->mu);
+    trace_step(rt, &t0, "server down");
   }
 
   /* 4. Drain the queue to GRPC_QUEUE_SHUTDOWN and join the pollers. */

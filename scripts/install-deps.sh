@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian 12 packages the project needs, only those missing.
-#   scripts/install-deps.sh [build|test|bench]   (default: test)
+#   scripts/install-deps.sh [build|test|bench|package]   (default: test)
 set -euo pipefail
 what=${1:-test}
 build_pkgs=(build-essential cmake pkg-config libgrpc-dev protobuf-c-compiler
@@ -10,14 +10,18 @@ test_pkgs=(python3-grpcio python3-protobuf python3-pytest python3-jsonschema
   libclang-rt-14-dev golang-go golang-github-hashicorp-go-plugin-dev
   golang-google-grpc-dev golang-github-golang-protobuf-1-5-dev
   golang-google-protobuf-dev golang-google-genproto-dev
-  golang-golang-x-net-dev nodejs npm)
+  golang-golang-x-net-dev nodejs npm dpkg-dev file groff-base)
 bench_pkgs=(libgrpc++-dev g++ python3-matplotlib)
+# scripts/package-check.sh: cpack -G DEB (dpkg-shlibdeps, file) and a fresh
+# Debian root.
+package_pkgs=(dpkg-dev file debootstrap)
 pkgs=("${build_pkgs[@]}")
 case "$what" in
   build) ;;
   test) pkgs+=("${test_pkgs[@]}") ;;
   bench) pkgs+=("${test_pkgs[@]}" "${bench_pkgs[@]}") ;;
-  *) echo "usage: $0 [build|test|bench]" >&2; exit 2 ;;
+  package) pkgs+=("${package_pkgs[@]}") ;;
+  *) echo "usage: $0 [build|test|bench|package]" >&2; exit 2 ;;
 esac
 missing=()
 for p in "${pkgs[@]}"; do

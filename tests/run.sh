@@ -62,6 +62,79 @@ if has unit; then
     || { echo "installed host failed"; exit 1; }
   "$inst/bin/rpcplugin-host" --version
   rm -rf "$inst"
+  stage "Debian packages (cpack -G DEB in build-pkg): contents, dependencies; find_package(rpcplugin) against a scratch prefix"
+  # The installation in a fresh Debian root is scripts/package-check.sh.
+  # build-pkg is configured as a Debian package build (prefix /usr,
+  # multiarch libdir) and reused, so this is incremental after its first run.
+  cmake -S "$ROOT" -B "$ROOT/build-pkg" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DRPCPLUGIN_BENCH=OFF -DRPCPLUGIN_TESTS=OFF -DCMAKE_INSTALL_PREFIX=/usr \
+    >/dev/null
+  cmake --build "$ROOT/build-pkg" -j"$JOBS" >/dev/null
+  rm -f build-pkg/*.deb
+  (cd build-pkg && cpack -G DEB >/dev/null)
+  deb_file() { local f; f=$(echo build-pkg/"$1"_*.deb); [ -f "$f" ] && echo "$f"; }
+  deb_has() { # deb_has PACKAGE PATH-REGEX...: files the package must hold
+    local f list re
+    f=$(deb_file "$1") || { echo "no package $1 in build-pkg"; return 1; }
+    shift
+    list=$(dpkg-deb -c "$f" | awk '{ print $6 }')
+    for re in "$@"; do
+      grep -Eq "$re" <<<"$list" || { echo "$f: no file matches $re"; return 1; }
+    done
+  }
+  deb_dep() { # deb_dep PACKAGE DEPENDS-REGEX...: dependencies it declares
+    local f dep re
+    f=$(deb_file "$1") || { echo "no package $1 in build-pkg"; return 1; }
+    shift
+    dep=$(dpkg-deb -f "$f" Depends)
+    echo "$(basename "$f"): Depends: $dep"
+    for re in "$@"; do
+      grep -Eq "$re" <<<"$dep" || { echo "$f: no dependency matches $re"; return 1; }
+    done
+  }
+  ma='\./usr/lib/[a-z0-9_]+-linux-gnu[a-z0-9_]*'
+  debver=$(dpkg-deb -f "$(deb_file librpcplugin0)" Version)
+  deb_has librpcplugin0 "^$ma/librpcplugin\.so\.0$" \
+    "^$ma/librpcplugin\.so\.0\.[0-9.]+$" "^$ma/rpcplugin/rpcplugin_services\.so$" \
+    '^\./usr/share/rpcplugin/manifests/default\.json$' \
+    '^\./usr/share/rpcplugin/manifests/host\.json$'
+  deb_has librpcplugin-dev '^\./usr/include/rpcplugin/host\.h$' \
+    '^\./usr/include/rpcplugin/rpcplugin\.h$' "^$ma/librpcplugin\.so$" \
+    "^$ma/pkgconfig/rpcplugin\.pc$" \
+    "^$ma/cmake/rpcplugin/rpcpluginConfig\.cmake$" \
+    "^$ma/cmake/rpcplugin/rpcpluginConfigVersion\.cmake$" \
+    "^$ma/cmake/rpcplugin/rpcpluginTargets\.cmake$"
+  deb_has rpcplugin-host '^\./usr/bin/rpcplugin-host$' \
+    '^\./usr/share/man/man1/rpcplugin-host\.1\.gz$'
+  # Each file in one package only: no dev link or header in the library's.
+  if grep -Eq '/librpcplugin\.so$|\.h$|\.pc$|\.cmake$' \
+       <<<"$(dpkg-deb -c "$(deb_file librpcplugin0)" | awk '{ print $6 }')"; then
+    echo "librpcplugin0 holds development files"; exit 1
+  fi
+  deb_dep librpcplugin0 '(^|, )libc6( |,|$)' '(^|, )libgrpc[0-9]+ ' \
+    '(^|, )libcjson1( |,|$)' '(^|, )libprotobuf-c1( |,|$)'
+  deb_dep librpcplugin-dev "(^|, )librpcplugin0 \(= ${debver//./\\.}\)" \
+    '(^|, )libgrpc-dev(,|$)' '(^|, )libcjson-dev(,|$)' '(^|, )pkg-config'
+  deb_dep rpcplugin-host "(^|, )librpcplugin0 \(= ${debver//./\\.}\)" \
+    '(^|, )libgrpc[0-9]+ ' '(^|, )libssl3( |,|$)'
+  grep -q '^librpcplugin 0 librpcplugin0 ' \
+    <<<"$(dpkg-deb -I "$(deb_file librpcplugin0)" shlibs)" \
+    || { echo "librpcplugin0: no shlibs entry"; exit 1; }
+  man_warnings=$(zcat build-pkg/man/rpcplugin-host.1.gz | groff -man -Tutf8 -ww -z 2>&1)
+  [ -z "$man_warnings" ] || { echo "rpcplugin-host.1: $man_warnings"; exit 1; }
+  # find_package(rpcplugin) + rpcplugin::rpcplugin from a scratch prefix.
+  inst=$(mktemp -d)
+  cmake --install build --prefix "$inst" >/dev/null
+  cmake -S tests/consumer -B "$inst/consumer" -DCMAKE_PREFIX_PATH="$inst" \
+    >/dev/null
+  cmake --build "$inst/consumer" >/dev/null
+  out=$(printf 'stats\nshutdown\n' | env -u RPCPLUGIN_MODULE_PATH \
+    timeout 60 "$inst/consumer/test_host" \
+    "$inst/share/rpcplugin/manifests/default.json" "unix:$inst/s.sock")
+  grep -q '^OK queued_chunks=0' <<<"$out" && grep -q '^EXIT 0' <<<"$out" \
+    || { echo "$out"; echo "host built with find_package(rpcplugin) failed"; exit 1; }
+  echo "find_package(rpcplugin): test_host built and served ($(grep -c '^OK' <<<"$out") OK replies, EXIT 0)"
+  rm -rf "$inst"
 fi
 
 if has go && [ -x tests/go/build.sh ]; then

@@ -313,6 +313,11 @@ def test_stopping_server_never_answers_unimplemented(hosts, run):
 
 @pytest.mark.parametrize("run", range(12))
 def test_concurrent_shutdowns_one_reply_first(hosts, run):
+    """Two clients call Shutdown at once: at least one gets its reply.  (Seen
+    failing with both UNAVAILABLE "Broken pipe" about once in 60 lifetimes
+    with both CPUs busy, when the server cut connections right after the
+    modules stopped: the client wrote to the closed connection before it
+    read the reply.)"""
     h = hosts(manifest=DEFAULT_MANIFEST)
     chans = [h.channel() for _ in range(2)]
     for c in chans:
@@ -326,10 +331,12 @@ def test_concurrent_shutdowns_one_reply_first(hosts, run):
             results.append(grpc.StatusCode.OK)
         except grpc.RpcError as e:
             results.append(e.code())
+            details.append(e.details())
+    details = []
     ts = [threading.Thread(target=call, args=(c,)) for c in chans]
     for t in ts:
         t.start()
     for t in ts:
         t.join(30 * SLOW)
     assert h.wait() == 0
-    assert grpc.StatusCode.OK in results, results
+    assert grpc.StatusCode.OK in results, (results, details)
