@@ -120,6 +120,9 @@ if has unit; then
   grep -q '^librpcplugin 0 librpcplugin0 ' \
     <<<"$(dpkg-deb -I "$(deb_file librpcplugin0)" shlibs)" \
     || { echo "librpcplugin0: no shlibs entry"; exit 1; }
+  ver=$(build/bin/rpcplugin-host --version | awk '{ print $2 }')
+  grep -q "^\.TH RPCPLUGIN-HOST 1 .* \"rpcplugin $ver\"" docs/rpcplugin-host.1 \
+    || { echo "docs/rpcplugin-host.1: .TH does not name rpcplugin $ver"; exit 1; }
   man_warnings=$(zcat build-pkg/man/rpcplugin-host.1.gz | groff -man -Tutf8 -ww -z 2>&1)
   [ -z "$man_warnings" ] || { echo "rpcplugin-host.1: $man_warnings"; exit 1; }
   # find_package(rpcplugin) + rpcplugin::rpcplugin from a scratch prefix.
