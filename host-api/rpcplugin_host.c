@@ -1159,13 +1159,13 @@ int main(int argc, char **argv) {
       H.log_level >= RPCPLUGIN_LOG_INFO)
     say("stdio reader still blocked in put_line; shutting down anyway");
   trace_phase("pipes drained", t0);
-  rpcplugin_runtime_shutdown(rt);
-  trace_phase("runtime shut down", t0);
+  /* Stop accepting, flush and end the streams, stop the module, let the
+   * connections close once their last replies were read. */
+  rpcplugin_runtime_drain(rt);
+  trace_phase("runtime drained", t0);
   {
     host_pipes_stats ps;
     host_pipes_get_stats(H.pipes, &ps);
-    host_pipes_destroy(H.pipes);
-    H.pipes = NULL;
     if (ps.bytes_lost && H.log_level >= RPCPLUGIN_LOG_INFO)
       say("stdio: put_line refused %llu of the %llu bytes read (queue full "
           "or shut down)",
@@ -1176,15 +1176,20 @@ int main(int argc, char **argv) {
    * module stopped.  Remove the socket, and exit. */
   remove_socket();
   if (!H.full_teardown) {
-    /* What is left is memory, threads and mappings of this process:
-     * unloading the module, destroying the server and gRPC's global
-     * teardown (with the exit handlers of ~60 shared libraries) would
-     * only make a go-plugin client's Kill() wait for what the kernel does
-     * anyway.  --full-teardown (always under sanitizers) runs it all. */
+    /* What is left is memory, threads and mappings of this process: the
+     * rest of the runtime's shutdown (cutting connections still open after
+     * the grace, joining the pollers), unloading the module, destroying the server and gRPC's
+     * global teardown (with the exit handlers of ~60 shared libraries)
+     * would only make a go-plugin client's Kill() wait for what the kernel
+     * does anyway.  --full-teardown (always under sanitizers) runs it all. */
     trace_phase("exit", t0);
     fflush(NULL);
     _exit(0);
   }
+  rpcplugin_runtime_shutdown(rt);
+  trace_phase("runtime shut down", t0);
+  host_pipes_destroy(H.pipes);
+  H.pipes = NULL;
   rpcplugin_runtime_destroy(rt);
   trace_phase("module unloaded", t0);
   grpc_server_destroy(server);

@@ -37,7 +37,15 @@
 #define REQUESTS_PER_METHOD 16
 #define REQUESTS_GENERIC 4
 
-enum rt_state { RT_CREATED, RT_STARTED, RT_STOPPING, RT_STOPPED };
+/* In this order: a state compares greater than the ones before it. */
+enum rt_state {
+  RT_CREATED,
+  RT_STARTED,
+  RT_DRAINING,
+  RT_DRAINED,
+  RT_STOPPING,
+  RT_STOPPED
+};
 
 typedef struct rt_method rt_method;
 struct rt_method {
@@ -98,6 +106,8 @@ struct rpcplugin_runtime {
   size_t nrequests;
   size_t outstanding; /* requests not yet returned */
   int server_down;    /* shutdown tag came back */
+  int was_started;    /* at the drain: the server had started */
+  struct timespec t_stop; /* when the drain began (debug traces) */
   rpcplugin_tag shutdown_tag;
   atomic_int shutdown_requested;
 };
@@ -601,23 +611,23 @@ static void trace_step(rpcplugin_runtime *rt, const struct timespec *t0,
                      (double)(now.tv_nsec - t0->tv_nsec) / 1e6);
 }
 
-int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
+int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
   int was_started;
-  unsigned p;
-  struct timespec t0;
   if (rt == NULL) return RPCPLUGIN_EINVAL;
   if (tls_poller != NULL) return RPCPLUGIN_EWRONGTHREAD;
 
   pthread_mutex_lock(&rt->mu);
-  if (rt->state == RT_STOPPING || rt->state == RT_STOPPED) {
-    while (rt->state != RT_STOPPED) pthread_cond_wait(&rt->cv, &rt->mu);
+  if (rt->state >= RT_DRAINING) {
+    /* Another thread drains (or drained, or shuts down): wait for it. */
+    while (rt->state == RT_DRAINING) pthread_cond_wait(&rt->cv, &rt->mu);
     pthread_mutex_unlock(&rt->mu);
     return 0;
   }
   was_started = rt->state == RT_STARTED;
-  rt->state = RT_STOPPING;
+  rt->was_started = was_started;
+  rt->state = RT_DRAINING;
   pthread_mutex_unlock(&rt->mu);
-  clock_gettime(CLOCK_MONOTONIC, &t0);
+  clock_gettime(CLOCK_MONOTONIC, &rt->t_stop);
 
   /* 1. Stop accepting: no new calls; calls in progress go on.  Also for a
    * server that never started: gRPC refuses to destroy a server with
@@ -643,17 +653,17 @@ int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
       rp_module_shut(mod);
     }
   }
-  trace_step(rt, &t0, "modules stopped");
+  trace_step(rt, &rt->t_stop, "modules stopped");
 
-  /* 3. Let the connections close by themselves first (close_grace_ms).
-   * The C core hands a call's final status to the transport and completes
-   * the batch before the bytes are written, and a client that writes
-   * anything (a ping ack, a window update) to a connection the server has
-   * already closed fails all its calls, even one whose reply it had
-   * received: cutting connections at once loses the Shutdown reply now and
-   * then.  A client that never closes an idle connection (C core) is cut
-   * after the grace; without pollers the shutdown tag comes back only in
-   * the drain below. */
+  /* 3. Let the connections close by themselves (close_grace_ms).  The C
+   * core hands a call's final status to the transport and completes the
+   * batch before the bytes are written, and a client that writes anything
+   * (a ping ack, a window update) to a connection the server has already
+   * closed fails all its calls, even one whose reply it had received:
+   * cutting connections at once loses the Shutdown reply now and then.  A
+   * client that never closes an idle connection (C core) is cut after the
+   * grace, by rpcplugin_runtime_shutdown; without pollers the shutdown tag
+   * comes back only in its drain of the queue. */
   if (was_started && rt->npollers && rt->opts.close_grace_ms >= 0) {
     struct timespec until;
     rp_deadline_after_ms(&until, rt->opts.close_grace_ms
@@ -663,20 +673,46 @@ int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
     while (!rt->server_down)
       if (pthread_cond_timedwait(&rt->cv, &rt->mu, &until) == ETIMEDOUT) break;
     pthread_mutex_unlock(&rt->mu);
-    trace_step(rt, &t0, rt->server_down ? "connections closed"
-                                        : "connections cut after the grace");
+    trace_step(rt, &rt->t_stop,
+               rt->server_down ? "connections closed"
+                               : "connections still open after the grace");
   }
-  /* Whatever is left: the host's own calls, rejections, open connections. */
+
+  pthread_mutex_lock(&rt->mu);
+  rt->state = RT_DRAINED;
+  pthread_cond_broadcast(&rt->cv);
+  pthread_mutex_unlock(&rt->mu);
+  return 0;
+}
+
+int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
+  unsigned p;
+  int rc;
+  if (rt == NULL) return RPCPLUGIN_EINVAL;
+  if (tls_poller != NULL) return RPCPLUGIN_EWRONGTHREAD;
+  if ((rc = rpcplugin_runtime_drain(rt)) != 0) return rc;
+
+  pthread_mutex_lock(&rt->mu);
+  if (rt->state != RT_DRAINED) {
+    while (rt->state != RT_STOPPED) pthread_cond_wait(&rt->cv, &rt->mu);
+    pthread_mutex_unlock(&rt->mu);
+    return 0;
+  }
+  rt->state = RT_STOPPING;
+  pthread_mutex_unlock(&rt->mu);
+
+  /* 4. Whatever is left: the host's own calls, rejections, connections
+   * still open. */
   grpc_server_cancel_all_calls(rt->server);
-  if (was_started) {
+  if (rt->was_started) {
     pthread_mutex_lock(&rt->mu);
     while (!rt->server_down || rt->outstanding > 0)
       pthread_cond_wait(&rt->cv, &rt->mu);
     pthread_mutex_unlock(&rt->mu);
-    trace_step(rt, &t0, "server down");
+    trace_step(rt, &rt->t_stop, "server down");
   }
 
-  /* 4. Drain the queue to GRPC_QUEUE_SHUTDOWN and join the pollers. */
+  /* 5. Drain the queue to GRPC_QUEUE_SHUTDOWN and join the pollers. */
   grpc_completion_queue_shutdown(rt->cq);
   if (rt->npollers) {
     for (p = 0; p < rt->npollers; p++) pthread_join(rt->pollers[p], NULL);
@@ -692,7 +728,7 @@ int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
     }
   }
 
-  trace_step(rt, &t0, "pollers joined");
+  trace_step(rt, &rt->t_stop, "pollers joined");
   pthread_mutex_lock(&rt->mu);
   rt->state = RT_STOPPED;
   pthread_cond_broadcast(&rt->cv);

@@ -144,6 +144,17 @@ grpc_completion_queue *rpcplugin_runtime_cq(rpcplugin_runtime *rt);
  * thread. */
 int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt);
 
+/* The first half of rpcplugin_runtime_shutdown, for a host that wants to
+ * exit as soon as nothing a client can see is pending: stop accepting, shut
+ * the modules down (streams flush and end with OK, put_line answers
+ * RPCPLUGIN_ESHUTDOWN), and give connections close_grace_ms to close by
+ * themselves.  A host that calls _exit after it (and after removing its
+ * socket) loses nothing; rpcplugin_runtime_shutdown does the rest (cuts
+ * what is left, drains the queue, joins the pollers) and may follow at any
+ * time.  Calls from several threads wait for the one that drains.  Returns
+ * RPCPLUGIN_EWRONGTHREAD on a poller thread.  (Added in 0.2.) */
+int rpcplugin_runtime_drain(rpcplugin_runtime *rt);
+
 /* Shut down if needed, then destroy and dlclose every module and free the
  * runtime.  Call it once no host thread uses a module any more.  The host
  * then destroys its server. */
