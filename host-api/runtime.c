@@ -21,13 +21,18 @@
 #include "internal.h"
 #include "monotime.h"
 
+#include <dirent.h>
 #include <errno.h>
+#include <linux/sockios.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
 
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
@@ -36,6 +41,9 @@
  * burst of new calls waits in the server until one is requested. */
 #define REQUESTS_PER_METHOD 16
 #define REQUESTS_GENERIC 4
+/* At the drain: unread bytes that did not change for this long mean that
+ * nobody reads them (an idle C-core client never reads the GOAWAY). */
+#define RT_STALL_MS 100
 
 /* In this order: a state compares greater than the ones before it. */
 enum rt_state {
@@ -611,6 +619,51 @@ static void trace_step(rpcplugin_runtime *rt, const struct timespec *t0,
                      (double)(now.tv_nsec - t0->tv_nsec) / 1e6);
 }
 
+/* Bytes that this process wrote to its connected stream sockets and that
+ * their peers have not read yet (unix sockets) or not acknowledged (tcp),
+ * summed over every such socket: SIOCOUTQ, which for a unix socket counts
+ * what sits unread in the peer's receive queue.  Listening sockets and
+ * other descriptors are skipped; 0 when /proc/self/fd cannot be read. */
+static long rp_unread_outgoing_bytes(void) {
+  DIR *d = opendir("/proc/self/fd");
+  struct dirent *e;
+  long total = 0;
+  if (d == NULL) return 0;
+  while ((e = readdir(d)) != NULL) {
+    struct stat st;
+    int fd, listening = 0, type = 0, outq = 0;
+    socklen_t len;
+    char *end;
+    long v = strtol(e->d_name, &end, 10);
+    if (*e->d_name == '\0' || *end != '\0' || v < 0 || v == dirfd(d))
+      continue;
+    fd = (int)v;
+    if (fstat(fd, &st) != 0 || !S_ISSOCK(st.st_mode)) continue;
+    len = sizeof type;
+    if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) != 0 ||
+        type != SOCK_STREAM)
+      continue;
+    len = sizeof listening;
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 ||
+        listening)
+      continue;
+    if (ioctl(fd, SIOCOUTQ, &outq) == 0 && outq > 0) total += outq;
+  }
+  closedir(d);
+  return total;
+}
+
+static long rp_ms_between(const struct timespec *a, const struct timespec *b) {
+  return (long)(b->tv_sec - a->tv_sec) * 1000 +
+         (b->tv_nsec - a->tv_nsec) / 1000000;
+}
+
+static int rp_timespec_before(const struct timespec *a,
+                              const struct timespec *b) {
+  return a->tv_sec < b->tv_sec ||
+         (a->tv_sec == b->tv_sec && a->tv_nsec < b->tv_nsec);
+}
+
 int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
   int was_started;
   if (rt == NULL) return RPCPLUGIN_EINVAL;
@@ -655,27 +708,56 @@ int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
   }
   trace_step(rt, &rt->t_stop, "modules stopped");
 
-  /* 3. Let the connections close by themselves (close_grace_ms).  The C
-   * core hands a call's final status to the transport and completes the
-   * batch before the bytes are written, and a client that writes anything
-   * (a ping ack, a window update) to a connection the server has already
-   * closed fails all its calls, even one whose reply it had received:
-   * cutting connections at once loses the Shutdown reply now and then.  A
-   * client that never closes an idle connection (C core) is cut after the
-   * grace, by rpcplugin_runtime_shutdown; without pollers the shutdown tag
-   * comes back only in its drain of the queue. */
+  /* 3. Let the clients read what was sent before their connections are
+   * cut.  The C core completes a call's status batch once the status is
+   * encoded, before the bytes are written, and a client that writes
+   * anything (a window update, a ping ack) to a connection the server has
+   * already closed fails all its calls, even those whose data sits unread
+   * in its socket: cutting at once lost the Shutdown reply, or a stream's
+   * last messages and status, now and then.  So wait until the connections
+   * closed (go-plugin clients close right after Shutdown), until no
+   * connected socket of the process holds bytes its peer has not read yet
+   * (seen twice 2 ms apart), or until those bytes stopped going down for
+   * RT_STALL_MS (nobody reads them: a C-core client keeps an idle
+   * connection open and never reads the GOAWAY), at most close_grace_ms
+   * (a slow client still reading a stream's last window).  Without pollers the shutdown tag comes back only
+   * in rpcplugin_runtime_shutdown's drain of the queue. */
   if (was_started && rt->npollers && rt->opts.close_grace_ms >= 0) {
-    struct timespec until;
+    struct timespec until, step, progress;
+    long last = -1;
+    int quiet = 0, timed_out = 0, stalled = 0;
     rp_deadline_after_ms(&until, rt->opts.close_grace_ms
                                      ? rt->opts.close_grace_ms
                                      : RPCPLUGIN_CLOSE_GRACE_MS);
+    rp_deadline_after_ms(&progress, 0);
     pthread_mutex_lock(&rt->mu);
-    while (!rt->server_down)
-      if (pthread_cond_timedwait(&rt->cv, &rt->mu, &until) == ETIMEDOUT) break;
+    while (!rt->server_down && quiet < 2 && !timed_out && !stalled) {
+      long unread;
+      struct timespec now;
+      pthread_mutex_unlock(&rt->mu);
+      unread = rp_unread_outgoing_bytes();
+      rp_deadline_after_ms(&now, 0);
+      quiet = unread == 0 ? quiet + 1 : 0;
+      if (last < 0 || unread < last) {
+        progress = now; /* the clients read (the modules write no more) */
+      } else if (rp_ms_between(&progress, &now) >= RT_STALL_MS) {
+        stalled = 1; /* nobody reads: an idle client, or a stuck one */
+      }
+      last = unread;
+      pthread_mutex_lock(&rt->mu);
+      rp_deadline_after_ms(&step, 2);
+      if (rp_timespec_before(&until, &step)) step = until;
+      if (!rt->server_down && !stalled &&
+          pthread_cond_timedwait(&rt->cv, &rt->mu, &step) == ETIMEDOUT &&
+          !rp_timespec_before(&step, &until))
+        timed_out = 1;
+    }
     pthread_mutex_unlock(&rt->mu);
     trace_step(rt, &rt->t_stop,
                rt->server_down ? "connections closed"
-                               : "connections still open after the grace");
+               : quiet >= 2    ? "clients read everything"
+               : stalled       ? "clients stopped reading"
+                               : "clients still reading after the grace");
   }
 
   pthread_mutex_lock(&rt->mu);

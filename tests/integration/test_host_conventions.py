@@ -116,6 +116,9 @@ def shared_tmp():
     nogroup)."""
     if os.geteuid() != 0:
         pytest.fail("this test runs as root (it switches to user nobody)")
+    if not os.stat("/").st_mode & 0o001:
+        pytest.fail("/ is not searchable by others: user nobody can run "
+                    "nothing (tests/run.sh makes it o+x)")
     d = tempfile.mkdtemp(prefix="rph-grp-")
     os.chmod(d, 0o711)
     socks = os.path.join(d, "sockets")

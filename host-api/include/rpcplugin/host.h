@@ -102,20 +102,21 @@ typedef struct rpcplugin_runtime_options {
   void (*log)(void *user_data, int level, const char *msg);
   int log_level;         /* most verbose level passed on; default ERROR..INFO */
   unsigned poll_threads; /* 0 means 1 */
-  /* At shutdown, once the modules stopped: how long connections may take to
-   * close by themselves after the server's GOAWAY before they are cut, in
-   * ms.  0 means RPCPLUGIN_CLOSE_GRACE_MS; negative: cut at once.  A
-   * client reads the last replies (Shutdown's, the streams' final status)
-   * in that time: one that still writes to a connection the server already
-   * closed fails its calls with UNAVAILABLE, even those whose reply it had
-   * received.  go-plugin (Go) clients close at once after Shutdown, so
-   * this costs them nothing; C-core clients keep an idle connection open
-   * and wait out the grace.  (Added in librpcplugin 0.2; a smaller
-   * struct_size means the default.) */
+  /* At shutdown, once the modules stopped: how long clients may take to
+   * read what was sent to them before their connections are cut, in ms.
+   * The wait ends early when the connections closed (go-plugin clients
+   * close right after Shutdown), when no connected socket of the process
+   * holds bytes its peer has not read yet, or when those bytes stopped
+   * going down for 100 ms (nobody reads: a C-core client keeps an idle
+   * connection open and does not read it).  0 means RPCPLUGIN_CLOSE_GRACE_MS; negative: cut at
+   * once.  A client that writes anything (a window update, a ping ack) to a
+   * connection the server already closed fails all its calls, even those
+   * whose reply it had received but not read.  (Added in librpcplugin 0.2;
+   * a smaller struct_size means the default.) */
   int close_grace_ms;
 } rpcplugin_runtime_options;
 
-#define RPCPLUGIN_CLOSE_GRACE_MS 100
+#define RPCPLUGIN_CLOSE_GRACE_MS 1000
 
 /* Before grpc_server_start: creates and registers the completion queue. */
 int rpcplugin_runtime_create(const rpcplugin_runtime_options *opts,
