@@ -839,7 +839,7 @@ static void stream_call(rp_instance *inst, grpc_call *call,
   rp_call *c;
   bstream *st;
   if (req) grpc_byte_buffer_destroy(req);
-  c = rp_call_adopt(inst, call, sizeof(bstream));
+  c = rp_call_adopt(&inst->calls, inst, call, sizeof(bstream));
   if (c == NULL) return;
   st = c->svc;
   st->c = c;

@@ -22,12 +22,12 @@ static void shutdown_call(rp_instance *inst, grpc_call *call,
   ProtobufCMessage *m = rp_decode(&plugin__empty__descriptor, req);
   if (req) grpc_byte_buffer_destroy(req);
   if (m == NULL) {
-    rp_unary_reply(inst, call, GRPC_STATUS_INVALID_ARGUMENT,
+    rp_unary_reply(&inst->calls, inst, call, GRPC_STATUS_INVALID_ARGUMENT,
                    "cannot decode plugin.Empty", NULL, NULL);
     return;
   }
   rp_msg_free(m);
-  rp_unary_reply(inst, call, GRPC_STATUS_OK, NULL,
+  rp_unary_reply(&inst->calls, inst, call, GRPC_STATUS_OK, NULL,
                  rp_encode(&reply.base), replied);
 }
 

@@ -1,86 +1,11 @@
 /*
- * engine.h - the call engine: per-call state, tags, cancellation and drain,
- * written once for every service.
- *
- * A call (rp_call) wraps one grpc_call the host handed the instance.  It is
- * reference counted: the service holds one reference, and every batch in
- * flight holds one, released after its callback ran.  When the count drops
- * to zero the call leaves the instance's list, its grpc_call is released
- * and, if the instance is draining, shutdown is woken.
- *
- * The C core allows one send and one receive in flight per call; the
- * engine keeps one op slot for each (send, recv) plus one for the final
- * status and one for the close watch, and refuses (RPCPLUGIN_ESTATE) a
- * second op in a busy slot.  Callbacks run on a poller thread.
+ * engine.h - the module's view of the call engine (common/callengine.h):
+ * a call's owner (c->inst) is the module instance, and every call of an
+ * instance belongs to its call set (inst->calls).  module.h sets that up.
  */
-#ifndef RPCPLUGIN_ENGINE_H
-#define RPCPLUGIN_ENGINE_H
+#ifndef RPCPLUGIN_MODULE_ENGINE_H
+#define RPCPLUGIN_MODULE_ENGINE_H
 
 #include "module.h"
-
-typedef void (*rp_call_cb)(rp_call *c, int ok);
-
-typedef struct rp_op {
-  rpcplugin_tag tag; /* first: the poller casts the tag to rp_op */
-  rp_call *call;
-  rp_call_cb cb;
-  atomic_int busy;
-} rp_op;
-
-struct rp_call {
-  rp_instance *inst;
-  grpc_call *call;
-  atomic_int refs;
-  void *svc;                   /* service state, freed with the call */
-
-  rp_op send_op, recv_op, finish_op, close_op;
-  int md_sent;
-  int cancelled;               /* set when close_op completes */
-  grpc_byte_buffer *send_buf;   /* owned until send_op completes */
-  grpc_byte_buffer *finish_buf; /* owned until finish_op completes */
-  grpc_byte_buffer *recv_buf;   /* result of recv; the callback takes it */
-  grpc_slice status_details;
-  int has_details;
-
-  rp_call *prev, *next; /* instance list, under inst->mu */
-};
-
-/* Adopt a call (takes the caller's grpc_call reference).  The returned call
- * has one reference, the caller's.  svc_size bytes of zeroed service state
- * follow at c->svc.  NULL on out of memory (the grpc_call is then cancelled
- * and released).  A call adopted while the instance cancels is cancelled at
- * once. */
-rp_call *rp_call_adopt(rp_instance *inst, grpc_call *call, size_t svc_size);
-void rp_call_ref(rp_call *c);
-void rp_call_unref(rp_call *c);
-
-/* Watch for the end of the call (RECV_CLOSE_ON_SERVER); cb sees
- * c->cancelled.  Use on streaming calls that finish later. */
-int rp_call_watch_close(rp_call *c, rp_call_cb cb);
-/* Send one message; initial metadata goes with the first.  Takes bb only on
- * success (the caller keeps it on error).  Note that the C core moves the
- * slices out of bb when the batch starts. */
-int rp_call_send(rp_call *c, grpc_byte_buffer *bb, uint32_t flags,
-                 rp_call_cb cb);
-/* Send initial metadata alone, in the send slot (a stream that has nothing
- * to say yet still tells the client it is open). */
-int rp_call_send_metadata(rp_call *c, rp_call_cb cb);
-/* Receive one message into c->recv_buf (NULL at end of stream). */
-int rp_call_recv(rp_call *c, rp_call_cb cb);
-/* Final status, optionally with a last message (taken) and the close
- * watch in the same batch (for unary calls). */
-int rp_call_finish(rp_call *c, grpc_status_code status, const char *details,
-                   grpc_byte_buffer *msg, int with_close, rp_call_cb cb);
-void rp_call_cancel(rp_call *c, grpc_status_code status, const char *details);
-
-/* Answer a unary call in one batch and release it; cb (may be NULL) runs
- * when the reply went out or failed.  Takes call and msg. */
-void rp_unary_reply(rp_instance *inst, grpc_call *call,
-                    grpc_status_code status, const char *details,
-                    grpc_byte_buffer *msg, rp_call_cb cb);
-
-/* Cancel every live call of the instance and wait (control thread) until
- * none is left. */
-void rp_calls_cancel_and_drain(rp_instance *inst);
 
 #endif

@@ -18,7 +18,7 @@ static void check_call(rp_instance *inst, grpc_call *call,
       GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
   if (req) grpc_byte_buffer_destroy(req);
   if (r == NULL) {
-    rp_unary_reply(inst, call, GRPC_STATUS_INVALID_ARGUMENT,
+    rp_unary_reply(&inst->calls, inst, call, GRPC_STATUS_INVALID_ARGUMENT,
                    "cannot decode grpc.health.v1.HealthCheckRequest", NULL,
                    NULL);
     return;
@@ -26,10 +26,10 @@ static void check_call(rp_instance *inst, grpc_call *call,
   if (r->service[0] == '\0' || strcmp(r->service, "plugin") == 0) {
     resp.status =
         GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
-    rp_unary_reply(inst, call, GRPC_STATUS_OK, NULL, rp_encode(&resp.base),
+    rp_unary_reply(&inst->calls, inst, call, GRPC_STATUS_OK, NULL, rp_encode(&resp.base),
                    NULL);
   } else {
-    rp_unary_reply(inst, call, GRPC_STATUS_NOT_FOUND, "unknown service", NULL,
+    rp_unary_reply(&inst->calls, inst, call, GRPC_STATUS_NOT_FOUND, "unknown service", NULL,
                    NULL);
   }
   rp_msg_free(&r->base);

@@ -37,6 +37,11 @@ void rp_log(rp_instance *inst, int level, const char *fmt, ...) {
   inst->host.log(inst->host.host_ctx, level, buf);
 }
 
+/* The call engine's log sink: the host's. */
+static void calls_log(void *ctx, int level, const char *msg) {
+  rp_log(ctx, level, "%s", msg);
+}
+
 int rp_on_poller(rp_instance *inst) {
   return inst->host.on_poller_thread &&
          inst->host.on_poller_thread(inst->host.host_ctx);
@@ -54,7 +59,7 @@ static void on_call(void *ctx, grpc_call *call, grpc_byte_buffer *req,
   pthread_mutex_unlock(&inst->mu);
   if (state >= RP_STOPPING) {
     if (req) grpc_byte_buffer_destroy(req);
-    rp_unary_reply(inst, call, GRPC_STATUS_UNAVAILABLE,
+    rp_unary_reply(&inst->calls, inst, call, GRPC_STATUS_UNAVAILABLE,
                    "plugin is shutting down", NULL, NULL);
     return;
   }
@@ -99,6 +104,7 @@ static int m_init(const rpcplugin_host_api *host, const char *config_json,
   }
   pthread_mutex_init(&inst->mu, NULL);
   pthread_cond_init(&inst->cv, NULL);
+  rp_callset_init(&inst->calls, calls_log, inst);
   inst->state = RP_CREATED;
   grpc_init();
   *out = inst;
@@ -185,7 +191,10 @@ static int m_shutdown(void *instance) {
 
   for (i = 0; i < inst->ncreated; i++)
     if (inst->enabled[i]->stop) inst->enabled[i]->stop(inst);
-  rp_calls_cancel_and_drain(inst);
+  pthread_mutex_lock(&inst->mu);
+  inst->state = RP_CANCELLING;
+  pthread_mutex_unlock(&inst->mu);
+  rp_callset_cancel_and_drain(&inst->calls);
 
   pthread_mutex_lock(&inst->mu);
   inst->state = RP_STOPPED;
@@ -200,6 +209,7 @@ static void m_destroy(void *instance) {
   if (inst == NULL) return;
   for (i = 0; i < inst->ncreated; i++)
     if (inst->enabled[i]->destroy) inst->enabled[i]->destroy(inst);
+  rp_callset_destroy(&inst->calls);
   pthread_cond_destroy(&inst->cv);
   pthread_mutex_destroy(&inst->mu);
   free(inst);
@@ -223,10 +233,8 @@ static int m_get_stats(void *instance, rpcplugin_stats *out) {
   memset(&s, 0, sizeof s);
   if (inst->stdio) rp_stdio_stats(inst->stdio, &s);
   if (inst->broker) rp_broker_stats(inst->broker, &s);
-  pthread_mutex_lock(&inst->mu);
-  s.calls_active = inst->ncalls;
-  pthread_mutex_unlock(&inst->mu);
-  s.calls_total = atomic_load(&inst->calls_total);
+  s.calls_active = rp_callset_count(&inst->calls);
+  s.calls_total = atomic_load(&inst->calls.total);
   n = out->struct_size < sizeof s ? out->struct_size : sizeof s;
   s.struct_size = out->struct_size;
   memcpy(out, &s, n);

@@ -21,6 +21,8 @@
 
 typedef struct rp_instance rp_instance;
 typedef struct rp_call rp_call;
+#define RP_CALL_OWNER struct rp_instance
+#include "callengine.h"
 typedef struct rp_stdio rp_stdio;
 typedef struct rp_broker rp_broker;
 
@@ -74,12 +76,10 @@ struct rp_instance {
   rpcplugin_host_api host; /* copy; fields beyond host.struct_size zero */
   rp_config cfg;
 
-  pthread_mutex_t mu; /* state, calls, ncalls */
+  pthread_mutex_t mu; /* state */
   pthread_cond_t cv;
   int state;
-  rp_call *calls; /* live calls, doubly linked */
-  size_t ncalls;
-  atomic_uint_fast64_t calls_total;
+  rp_callset calls; /* live calls, cancelled and drained at shutdown */
   atomic_int shutdown_fired;
 
   const rp_service *enabled[RP_NSERVICES];

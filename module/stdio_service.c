@@ -295,7 +295,7 @@ static void stream_call(rp_instance *inst, grpc_call *call,
   rp_call *c;
   stream *st;
   if (req) grpc_byte_buffer_destroy(req); /* google.protobuf.Empty */
-  c = rp_call_adopt(inst, call, sizeof(stream));
+  c = rp_call_adopt(&inst->calls, inst, call, sizeof(stream));
   if (c == NULL) return;
   st = c->svc;
   st->c = c;

@@ -1,5 +1,5 @@
 /*
- * engine.c - see engine.h.
+ * callengine.c - see callengine.h.
  *
  * Every batch goes through start_op(), which takes a reference for the op
  * and marks its slot busy; op_done() (called by the host's poller with the
@@ -7,10 +7,48 @@
  * reference.  So a call is freed exactly when no batch is in flight and
  * the service let go of it, and every tag comes back exactly once.
  */
-#include "engine.h"
+#include "callengine.h"
 
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+static void set_log(rp_callset *set, int level, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void set_log(rp_callset *set, int level, const char *fmt, ...) {
+  char buf[512];
+  va_list ap;
+  if (set->log == NULL) return;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  set->log(set->log_ctx, level, buf);
+}
+
+void rp_callset_init(rp_callset *set,
+                     void (*log)(void *ctx, int level, const char *msg),
+                     void *log_ctx) {
+  memset(set, 0, sizeof *set);
+  pthread_mutex_init(&set->mu, NULL);
+  pthread_cond_init(&set->cv, NULL);
+  atomic_init(&set->total, 0);
+  set->log = log;
+  set->log_ctx = log_ctx;
+}
+
+void rp_callset_destroy(rp_callset *set) {
+  pthread_cond_destroy(&set->cv);
+  pthread_mutex_destroy(&set->mu);
+}
+
+size_t rp_callset_count(rp_callset *set) {
+  size_t n;
+  pthread_mutex_lock(&set->mu);
+  n = set->ncalls;
+  pthread_mutex_unlock(&set->mu);
+  return n;
+}
 
 static void op_done(rpcplugin_tag *tag, int ok) {
   rp_op *op = (rp_op *)tag;
@@ -31,7 +69,7 @@ static int start_op(rp_call *c, rp_op *op, const grpc_op *ops, size_t n,
   rp_call_ref(c);
   e = grpc_call_start_batch(c->call, ops, n, &op->tag, NULL);
   if (e != GRPC_CALL_OK) {
-    rp_log(c->inst, RPCPLUGIN_LOG_ERROR, "rpcplugin: start_batch: %s",
+    set_log(c->set, RPCPLUGIN_LOG_ERROR, "rpcplugin: start_batch: %s",
            grpc_call_error_to_string(e));
     atomic_store(&op->busy, 0);
     rp_call_unref(c);
@@ -46,7 +84,8 @@ static void init_op(rp_op *op, rp_call *c) {
   atomic_init(&op->busy, 0);
 }
 
-rp_call *rp_call_adopt(rp_instance *inst, grpc_call *call, size_t svc_size) {
+rp_call *rp_call_adopt(rp_callset *set, RP_CALL_OWNER *owner, grpc_call *call,
+                       size_t svc_size) {
   rp_call *c = calloc(1, sizeof *c + svc_size);
   int cancel_now;
   if (c == NULL) {
@@ -55,7 +94,8 @@ rp_call *rp_call_adopt(rp_instance *inst, grpc_call *call, size_t svc_size) {
     grpc_call_unref(call);
     return NULL;
   }
-  c->inst = inst;
+  c->set = set;
+  c->inst = owner;
   c->call = call;
   atomic_init(&c->refs, 1);
   c->svc = svc_size ? (void *)(c + 1) : NULL;
@@ -63,14 +103,14 @@ rp_call *rp_call_adopt(rp_instance *inst, grpc_call *call, size_t svc_size) {
   init_op(&c->recv_op, c);
   init_op(&c->finish_op, c);
   init_op(&c->close_op, c);
-  pthread_mutex_lock(&inst->mu);
-  c->next = inst->calls;
-  if (inst->calls) inst->calls->prev = c;
-  inst->calls = c;
-  inst->ncalls++;
-  cancel_now = inst->state >= RP_CANCELLING;
-  pthread_mutex_unlock(&inst->mu);
-  atomic_fetch_add(&inst->calls_total, 1);
+  pthread_mutex_lock(&set->mu);
+  c->next = set->calls;
+  if (set->calls) set->calls->prev = c;
+  set->calls = c;
+  set->ncalls++;
+  cancel_now = set->cancelling;
+  pthread_mutex_unlock(&set->mu);
+  atomic_fetch_add(&set->total, 1);
   if (cancel_now)
     grpc_call_cancel_with_status(call, GRPC_STATUS_UNAVAILABLE,
                                  "plugin is shutting down", NULL);
@@ -80,18 +120,18 @@ rp_call *rp_call_adopt(rp_instance *inst, grpc_call *call, size_t svc_size) {
 void rp_call_ref(rp_call *c) { atomic_fetch_add(&c->refs, 1); }
 
 void rp_call_unref(rp_call *c) {
-  rp_instance *inst;
+  rp_callset *set;
   if (atomic_fetch_sub(&c->refs, 1) != 1) return;
-  inst = c->inst;
-  pthread_mutex_lock(&inst->mu);
+  set = c->set;
+  pthread_mutex_lock(&set->mu);
   if (c->prev)
     c->prev->next = c->next;
   else
-    inst->calls = c->next;
+    set->calls = c->next;
   if (c->next) c->next->prev = c->prev;
-  inst->ncalls--;
-  if (inst->ncalls == 0) pthread_cond_broadcast(&inst->cv);
-  pthread_mutex_unlock(&inst->mu);
+  set->ncalls--;
+  if (set->ncalls == 0) pthread_cond_broadcast(&set->cv);
+  pthread_mutex_unlock(&set->mu);
   /* Buffers of ops that never started, or results nobody took. */
   if (c->send_buf) grpc_byte_buffer_destroy(c->send_buf);
   if (c->finish_buf) grpc_byte_buffer_destroy(c->finish_buf);
@@ -227,10 +267,10 @@ void rp_call_cancel(rp_call *c, grpc_status_code status, const char *details) {
   grpc_call_cancel_with_status(c->call, status, details, NULL);
 }
 
-void rp_unary_reply(rp_instance *inst, grpc_call *call,
+void rp_unary_reply(rp_callset *set, RP_CALL_OWNER *owner, grpc_call *call,
                     grpc_status_code status, const char *details,
                     grpc_byte_buffer *msg, rp_call_cb cb) {
-  rp_call *c = rp_call_adopt(inst, call, 0);
+  rp_call *c = rp_call_adopt(set, owner, call, 0);
   if (c == NULL) {
     if (msg) grpc_byte_buffer_destroy(msg);
     return;
@@ -239,15 +279,15 @@ void rp_unary_reply(rp_instance *inst, grpc_call *call,
   rp_call_unref(c);
 }
 
-void rp_calls_cancel_and_drain(rp_instance *inst) {
+void rp_callset_cancel_and_drain(rp_callset *set) {
   rp_call *c;
-  pthread_mutex_lock(&inst->mu);
-  if (inst->state < RP_CANCELLING) inst->state = RP_CANCELLING;
+  pthread_mutex_lock(&set->mu);
+  set->cancelling = 1;
   /* A call's memory and its grpc_call are released only after it left
    * the list, under this lock, so every call seen here is valid. */
-  for (c = inst->calls; c; c = c->next)
+  for (c = set->calls; c; c = c->next)
     grpc_call_cancel_with_status(c->call, GRPC_STATUS_UNAVAILABLE,
                                  "plugin is shutting down", NULL);
-  while (inst->ncalls > 0) pthread_cond_wait(&inst->cv, &inst->mu);
-  pthread_mutex_unlock(&inst->mu);
+  while (set->ncalls > 0) pthread_cond_wait(&set->cv, &set->mu);
+  pthread_mutex_unlock(&set->mu);
 }
