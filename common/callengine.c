@@ -8,11 +8,15 @@
  * the service let go of it, and every tag comes back exactly once.
  */
 #include "callengine.h"
+#include "monotime.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <grpc/byte_buffer_reader.h>
 
 static void set_log(rp_callset *set, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -31,7 +35,7 @@ void rp_callset_init(rp_callset *set,
                      void *log_ctx) {
   memset(set, 0, sizeof *set);
   pthread_mutex_init(&set->mu, NULL);
-  pthread_cond_init(&set->cv, NULL);
+  rp_cond_init_monotonic(&set->cv);
   atomic_init(&set->total, 0);
   set->log = log;
   set->log_ctx = log_ctx;
@@ -132,6 +136,7 @@ void rp_call_unref(rp_call *c) {
   set->ncalls--;
   if (set->ncalls == 0) pthread_cond_broadcast(&set->cv);
   pthread_mutex_unlock(&set->mu);
+  if (c->on_free) c->on_free(c);
   /* Buffers of ops that never started, or results nobody took. */
   if (c->send_buf) grpc_byte_buffer_destroy(c->send_buf);
   if (c->finish_buf) grpc_byte_buffer_destroy(c->finish_buf);
@@ -277,6 +282,42 @@ void rp_unary_reply(rp_callset *set, RP_CALL_OWNER *owner, grpc_call *call,
   }
   if (rp_call_finish(c, status, details, msg, 1, cb) != 0 && cb) cb(c, 0);
   rp_call_unref(c);
+}
+
+void rp_callset_cancel(rp_callset *set) {
+  rp_call *c;
+  pthread_mutex_lock(&set->mu);
+  set->cancelling = 1;
+  for (c = set->calls; c; c = c->next)
+    grpc_call_cancel_with_status(c->call, GRPC_STATUS_UNAVAILABLE,
+                                 "plugin is shutting down", NULL);
+  pthread_mutex_unlock(&set->mu);
+}
+
+size_t rp_callset_wait(rp_callset *set, long timeout_ms) {
+  struct timespec until;
+  size_t n;
+  rp_deadline_after_ms(&until, timeout_ms < 0 ? 0 : timeout_ms);
+  pthread_mutex_lock(&set->mu);
+  while (set->ncalls > 0) {
+    if (timeout_ms < 0)
+      pthread_cond_wait(&set->cv, &set->mu);
+    else if (pthread_cond_timedwait(&set->cv, &set->mu, &until) == ETIMEDOUT)
+      break;
+  }
+  n = set->ncalls;
+  pthread_mutex_unlock(&set->mu);
+  return n;
+}
+
+grpc_slice rp_flatten(grpc_byte_buffer *bb) {
+  grpc_byte_buffer_reader r;
+  grpc_slice s;
+  if (bb == NULL || !grpc_byte_buffer_reader_init(&r, bb))
+    return grpc_empty_slice();
+  s = grpc_byte_buffer_reader_readall(&r);
+  grpc_byte_buffer_reader_destroy(&r);
+  return s;
 }
 
 void rp_callset_cancel_and_drain(rp_callset *set) {

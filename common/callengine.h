@@ -79,6 +79,9 @@ struct rp_call {
   int has_details;
 
   rp_call *prev, *next; /* the set's list, under set->mu */
+  /* Optional: runs when the last reference goes, before the memory is
+   * freed (the service frees what its state holds). */
+  void (*on_free)(rp_call *c);
 };
 
 /* Adopt a call into set, for owner (takes the caller's grpc_call
@@ -119,5 +122,12 @@ void rp_unary_reply(rp_callset *set, RP_CALL_OWNER *owner, grpc_call *call,
 /* Cancel every live call of the set and wait (control thread) until none
  * is left.  Calls adopted later are cancelled at once. */
 void rp_callset_cancel_and_drain(rp_callset *set);
+/* The same in two steps: cancel without waiting, then wait up to
+ * timeout_ms (< 0: as long as it takes); returns the calls still alive. */
+void rp_callset_cancel(rp_callset *set);
+size_t rp_callset_wait(rp_callset *set, long timeout_ms);
+
+/* The bytes of a received message, as one slice (the caller unrefs it). */
+grpc_slice rp_flatten(grpc_byte_buffer *bb);
 
 #endif

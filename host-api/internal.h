@@ -26,6 +26,16 @@ rp_binding *rp_runtime_bind(rpcplugin_runtime *rt, rpcplugin_module *mod);
  * is running. */
 void rp_runtime_unroute(rp_binding *b);
 void rp_runtime_unbind(rp_binding *b);
+/* The binding's application calls: cancel them (no wait), then wait up to
+ * timeout_ms for their handlers to finish them; returns those left. */
+void rp_runtime_cancel_calls(rp_binding *b);
+size_t rp_runtime_wait_calls(rp_binding *b, long timeout_ms);
+/* call.c: a new application call; the handler owns it. */
+struct rp_callset;
+void rp_app_call_start(struct rp_callset *set, const char *method,
+                       rpcplugin_method_handler handler, void *handler_ctx,
+                       grpc_call *call, grpc_byte_buffer *request,
+                       gpr_timespec deadline);
 void rp_runtime_fill_host_api(rp_binding *b, rpcplugin_host_api *api);
 int rp_runtime_started(const rpcplugin_runtime *rt);
 /* Loader's list of modules, kept by the runtime for shutdown. */

@@ -40,6 +40,8 @@ struct rpcplugin_module {
   char *path;
   int started;
   int shut;
+  int keep_loaded; /* application calls outlived its shutdown */
+  int fd;          /* the file dlopen mapped, open while loaded */
 };
 
 /* Try dir/name; on success *fd is open and path filled.  Returns 0, or
@@ -197,9 +199,8 @@ int rpcplugin_module_load(rpcplugin_runtime *rt, const rpcplugin_manifest *m,
   rpcplugin_module *mod;
   rpcplugin_module_entry_fn entry;
   rpcplugin_host_api host;
-  const char *names[4];
-  size_t nnames = 0;
-  unsigned svc, bit;
+  const char **names = NULL;
+  size_t nnames = 0, i;
 
   rp_error_clear(err);
   if (rt == NULL || m == NULL || out == NULL)
@@ -233,7 +234,10 @@ int rpcplugin_module_load(rpcplugin_runtime *rt, const rpcplugin_manifest *m,
   mod->dl = dlopen(fdpath, RTLD_NOW | RTLD_LOCAL);
   if (mod->dl == NULL && access("/proc/self/fd", F_OK) != 0)
     mod->dl = dlopen(path, RTLD_NOW | RTLD_LOCAL); /* no /proc */
-  close(fd);
+  /* The descriptor stays open as long as the module is loaded: glibc
+   * matches a new dlopen by name first, and "/proc/self/fd/N" of a
+   * reused N would hand back the module loaded before under that name. */
+  mod->fd = fd;
   if (mod->dl == NULL) {
     const char *why = dlerror();
     const char *colon = why ? strstr(why, ": ") : NULL;
@@ -281,11 +285,17 @@ int rpcplugin_module_load(rpcplugin_runtime *rt, const rpcplugin_manifest *m,
     goto fail;
   }
 
-  svc = rpcplugin_manifest_services(m);
-  for (bit = 1; bit <= RPCPLUGIN_SVC_HEALTH; bit <<= 1)
-    if (svc & bit) names[nnames++] = rp_service_name(bit);
+  nnames = rpcplugin_manifest_service_count(m);
+  names = calloc(nnames ? nnames : 1, sizeof *names);
+  if (names == NULL) {
+    rc = rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
+    goto fail;
+  }
+  for (i = 0; i < nnames; i++) names[i] = rpcplugin_manifest_service_name(m, i);
   msg[0] = '\0';
   rc = mod->api->register_services(mod->inst, names, nnames, msg, sizeof msg);
+  free(names);
+  names = NULL;
   if (rc != 0) {
     rc = rp_error(err, rc, "%s: module %s cannot register its services: %s",
                   rpcplugin_manifest_path(m), path,
@@ -308,6 +318,7 @@ int rpcplugin_module_load(rpcplugin_runtime *rt, const rpcplugin_manifest *m,
   return 0;
 
 fail:
+  free(names);
   if (mod->binding) rp_runtime_unroute(mod->binding);
   if (mod->inst) {
     mod->api->shutdown(mod->inst);
@@ -315,27 +326,49 @@ fail:
   }
   if (mod->binding) rp_runtime_unbind(mod->binding);
   if (mod->dl) dlclose(mod->dl);
+  close(mod->fd);
   free(mod->path);
   free(mod);
   return rc;
 }
 
+/* How long a module's handlers may take to finish its application calls
+ * once they are cancelled and its shutdown returned. */
+#define MODULE_CALLS_WAIT_MS 5000
+
 int rp_module_shut(rpcplugin_module *mod) {
   int rc;
+  size_t left;
   if (mod->shut) return 0;
   rp_runtime_unroute(mod->binding);
+  /* Its application calls end (on_cancel runs); its shutdown then finishes
+   * whatever it still holds. */
+  rp_runtime_cancel_calls(mod->binding);
   rc = mod->api->shutdown(mod->inst);
-  if (rc == 0) mod->shut = 1;
-  return rc;
+  if (rc != 0) return rc;
+  mod->shut = 1;
+  left = rp_runtime_wait_calls(mod->binding, MODULE_CALLS_WAIT_MS);
+  if (left > 0) {
+    /* Its handlers still own calls whose callbacks would run its code:
+     * keep it loaded rather than unmap code that may still run. */
+    mod->keep_loaded = 1;
+    rp_runtime_log(mod->rt, RPCPLUGIN_LOG_ERROR,
+                   "rpcplugin: module %s did not finish %zu application "
+                   "calls after its shutdown; it stays loaded",
+                   mod->path, left);
+  }
+  return 0;
 }
 
 int rp_module_is_shut(const rpcplugin_module *mod) { return mod->shut; }
 
 void rp_module_free(rpcplugin_module *mod) {
   rp_module_shut(mod);
+  if (mod->keep_loaded) return; /* reported in rp_module_shut */
   mod->api->destroy(mod->inst);
   rp_runtime_unbind(mod->binding);
   dlclose(mod->dl);
+  close(mod->fd);
   free(mod->path);
   free(mod);
 }

@@ -6,6 +6,7 @@
  * validates it at init (the loader passes it on as compact JSON).  Every
  * error names the file, the field and what was expected.
  */
+#define _GNU_SOURCE /* dladdr */
 #include "internal.h"
 
 #include <errno.h>
@@ -16,6 +17,8 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <dlfcn.h>
 
 #include <cjson/cJSON.h>
 
@@ -32,7 +35,10 @@ struct rpcplugin_manifest {
   char *config; /* compact JSON */
   int abi_major, abi_minor;
   int protocol_version;
-  unsigned services;
+  unsigned services;   /* infrastructure services, as bits */
+  char **names;        /* every service named, in order */
+  size_t nnames;
+  char *infrastructure; /* "infrastructure", or NULL */
 };
 
 static const struct {
@@ -54,7 +60,8 @@ const char *rp_service_name(unsigned bit) {
 
 static const char *const top_keys[] = {
     "manifest_version", "name",     "description", "module", "abi_version",
-    "protocol_version", "services", "config",      "$schema", NULL};
+    "protocol_version", "services", "config",      "$schema",
+    "infrastructure",   NULL};
 
 /* Line and column of byte offset `off` in text, 1-based. */
 static void position(const char *text, size_t off, int *line, int *col) {
@@ -88,39 +95,82 @@ static int fail(rpcplugin_error *err, const char *origin, const char *msg) {
   return rp_error(err, RPCPLUGIN_EMANIFEST, "%s: %s", origin, msg);
 }
 
-static int read_services(const cJSON *arr, const char *origin, unsigned *out,
-                         rpcplugin_error *err) {
+/* A fully qualified gRPC service name: dot-separated identifiers. */
+static int valid_service_name(const char *s) {
+  int start = 1;
+  size_t n = 0;
+  for (; *s; s++, n++) {
+    int c = (unsigned char)*s;
+    if (c == '.') {
+      if (start) return 0;
+      start = 1;
+      continue;
+    }
+    if (!((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || c == '_' ||
+          (!start && c >= '0' && c <= '9')))
+      return 0;
+    start = 0;
+  }
+  return n > 0 && n <= 255 && !start;
+}
+
+/* "services": the four infrastructure services of go-plugin, or
+ * application services (fully qualified gRPC names), not both. */
+static int read_services(const cJSON *arr, const char *origin,
+                         rpcplugin_manifest *m, rpcplugin_error *err) {
   const cJSON *it;
   char msg[512];
-  int idx = 0;
+  int idx = 0, napp = 0;
   jf_err e = {msg, sizeof msg};
-  *out = 0;
+  size_t k;
+  m->services = 0;
   if (!cJSON_IsArray(arr) || cJSON_GetArraySize(arr) == 0) {
     jf_fail(e, "services", NULL, "a non-empty array of service names", arr);
     return fail(err, origin, msg);
   }
+  m->names = calloc((size_t)cJSON_GetArraySize(arr), sizeof *m->names);
+  if (m->names == NULL)
+    return rp_error(err, RPCPLUGIN_ENOMEM, "%s: out of memory", origin);
   cJSON_ArrayForEach(it, arr) {
     size_t i;
     unsigned bit = 0;
     char field[32];
     snprintf(field, sizeof field, "services[%d]", idx++);
-    if (cJSON_IsString(it))
-      for (i = 0; i < sizeof service_names / sizeof service_names[0]; i++)
-        if (strcmp(it->valuestring, service_names[i].name) == 0)
-          bit = service_names[i].bit;
-    if (bit == 0) {
+    if (!cJSON_IsString(it) || !valid_service_name(it->valuestring)) {
       jf_fail(e, field, NULL,
-              "one of \"plugin.GRPCBroker\", \"plugin.GRPCStdio\", "
-              "\"plugin.GRPCController\", \"grpc.health.v1.Health\"",
+              "a fully qualified gRPC service name: one of "
+              "\"plugin.GRPCBroker\", \"plugin.GRPCStdio\", "
+              "\"plugin.GRPCController\", \"grpc.health.v1.Health\", or "
+              "an application service such as \"proto.KV\"",
               it);
       return fail(err, origin, msg);
     }
-    if (*out & bit) {
-      snprintf(msg, sizeof msg, "field \"%s\": service \"%s\" listed twice",
-               field, it->valuestring);
+    for (k = 0; k < m->nnames; k++)
+      if (strcmp(m->names[k], it->valuestring) == 0) {
+        snprintf(msg, sizeof msg,
+                 "field \"%s\": service \"%s\" listed twice", field,
+                 it->valuestring);
+        return fail(err, origin, msg);
+      }
+    for (i = 0; i < sizeof service_names / sizeof service_names[0]; i++)
+      if (strcmp(it->valuestring, service_names[i].name) == 0)
+        bit = service_names[i].bit;
+    if (bit)
+      m->services |= bit;
+    else
+      napp++;
+    if ((m->names[m->nnames] = strdup(it->valuestring)) == NULL)
+      return rp_error(err, RPCPLUGIN_ENOMEM, "%s: out of memory", origin);
+    m->nnames++;
+    if (m->services && napp) {
+      snprintf(msg, sizeof msg,
+               "field \"%s\": a manifest names either go-plugin's "
+               "infrastructure services or application services, not both "
+               "(an application's manifest pulls the infrastructure in "
+               "with \"infrastructure\")",
+               field);
       return fail(err, origin, msg);
     }
-    *out |= bit;
   }
   return 0;
 }
@@ -137,7 +187,7 @@ int rpcplugin_manifest_parse(const char *json, size_t len, const char *origin,
   cJSON *root;
   const char *parse_end = NULL;
   const char *name = NULL, *module = NULL, *abi = NULL, *desc = NULL;
-  const char *schema = NULL;
+  const char *schema = NULL, *infra = NULL;
   long long mv = 0, pv = 0;
   const cJSON *config = NULL, *v;
   char msg[512];
@@ -190,6 +240,7 @@ int rpcplugin_manifest_parse(const char *json, size_t len, const char *origin,
       jf_string(root, "", "module", PATH_MAX - 1, &module, e) ||
       jf_string(root, "", "abi_version", 16, &abi, e) ||
       jf_int(root, "", "protocol_version", 0, INT_MAX, &pv, e) ||
+      jf_string(root, "", "infrastructure", PATH_MAX - 1, &infra, e) ||
       jf_object(root, "", "config", &config, e)) {
     cJSON_Delete(root);
     return fail(err, origin, msg);
@@ -242,8 +293,19 @@ int rpcplugin_manifest_parse(const char *json, size_t len, const char *origin,
     goto out_err;
   }
   v = cJSON_GetObjectItemCaseSensitive(root, "services");
-  rc = read_services(v, origin, &m->services, err);
+  rc = read_services(v, origin, m, err);
   if (rc) goto out_err;
+  if (infra && m->services) {
+    rc = fail(err, origin,
+              "field \"infrastructure\": only an application's manifest "
+              "names an infrastructure manifest; this one lists "
+              "infrastructure services itself");
+    goto out_err;
+  }
+  if (infra && (m->infrastructure = strdup(infra)) == NULL) {
+    rc = rp_error(err, RPCPLUGIN_ENOMEM, "%s: out of memory", origin);
+    goto out_err;
+  }
 
   m->path = strdup(origin);
   m->dir = dir_of(origin);
@@ -319,6 +381,12 @@ void rpcplugin_manifest_free(rpcplugin_manifest *m) {
   free(m->name);
   free(m->module);
   free(m->config);
+  if (m->names) {
+    size_t i;
+    for (i = 0; i < m->nnames; i++) free(m->names[i]);
+    free(m->names);
+  }
+  free(m->infrastructure);
   free(m);
 }
 
@@ -345,4 +413,91 @@ unsigned rpcplugin_manifest_services(const rpcplugin_manifest *m) {
 }
 const char *rpcplugin_manifest_config_json(const rpcplugin_manifest *m) {
   return m->config;
+}
+
+size_t rpcplugin_manifest_service_count(const rpcplugin_manifest *m) {
+  return m->nnames;
+}
+const char *rpcplugin_manifest_service_name(const rpcplugin_manifest *m,
+                                            size_t i) {
+  return i < m->nnames ? m->names[i] : NULL;
+}
+int rpcplugin_manifest_is_application(const rpcplugin_manifest *m) {
+  return m->services == 0;
+}
+const char *rpcplugin_manifest_infrastructure(const rpcplugin_manifest *m) {
+  return m->infrastructure;
+}
+
+#ifndef RPCPLUGIN_MANIFEST_DIR
+#define RPCPLUGIN_MANIFEST_DIR "/usr/local/share/rpcplugin/manifests"
+#endif
+
+/* dir/name exists as a regular file: path filled, 1. */
+static int manifest_at(const char *dir, size_t dirlen, const char *name,
+                       char *path, size_t pathlen) {
+  struct stat st;
+  if ((size_t)snprintf(path, pathlen, "%.*s/%s", (int)dirlen, dir, name) >=
+      pathlen)
+    return 0;
+  return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+int rpcplugin_manifest_load_infrastructure(const rpcplugin_manifest *app,
+                                           rpcplugin_manifest **out,
+                                           rpcplugin_error *err) {
+  const char *name, *env;
+  char path[PATH_MAX], tried[1024] = "";
+  size_t used = 0;
+  rp_error_clear(err);
+  if (app == NULL || out == NULL)
+    return rp_error(err, RPCPLUGIN_EINVAL, "manifest is NULL");
+  *out = NULL;
+  if (!rpcplugin_manifest_is_application(app))
+    return rp_error(err, RPCPLUGIN_EINVAL,
+                    "%s: not an application manifest (it lists "
+                    "infrastructure services itself)",
+                    app->path);
+  name = app->infrastructure ? app->infrastructure : "host.json";
+  if (strchr(name, '/')) {
+    if (name[0] == '/')
+      snprintf(path, sizeof path, "%s", name);
+    else
+      snprintf(path, sizeof path, "%s/%s", app->dir, name);
+    return rpcplugin_manifest_load(path, out, err);
+  }
+#define TRY(d, n)                                                          \
+  do {                                                                     \
+    if (manifest_at((d), (n), name, path, sizeof path))                    \
+      return rpcplugin_manifest_load(path, out, err);                      \
+    if (used < sizeof tried)                                               \
+      used += (size_t)snprintf(tried + used, sizeof tried - used, "%s%.*s",\
+                               used ? ", " : "", (int)(n), (d));           \
+  } while (0)
+  TRY(app->dir, strlen(app->dir));
+  env = getenv("RPCPLUGIN_MANIFEST_PATH");
+  while (env && *env) {
+    const char *colon = strchr(env, ':');
+    size_t n = colon ? (size_t)(colon - env) : strlen(env);
+    if (n) TRY(env, n);
+    env = colon ? colon + 1 : NULL;
+  }
+  {
+    Dl_info info;
+    if (dladdr((void *)rpcplugin_manifest_load_infrastructure, &info) &&
+        info.dli_fname) {
+      const char *slash = strrchr(info.dli_fname, '/');
+      char dir[PATH_MAX];
+      if (slash &&
+          (size_t)snprintf(dir, sizeof dir, "%.*s/../share/rpcplugin/manifests",
+                           (int)(slash - info.dli_fname),
+                           info.dli_fname) < sizeof dir)
+        TRY(dir, strlen(dir));
+    }
+  }
+  TRY(RPCPLUGIN_MANIFEST_DIR, strlen(RPCPLUGIN_MANIFEST_DIR));
+#undef TRY
+  return rp_error(err, RPCPLUGIN_ENOENT,
+                  "%s: field \"infrastructure\": no manifest \"%s\" in %s",
+                  app->path, name, tried);
 }

@@ -963,7 +963,9 @@ static void setup_search_path(void) {
 }
 
 int main(int argc, char **argv) {
-  rpcplugin_manifest *manifest = NULL;
+  rpcplugin_manifest *manifest = NULL; /* the infrastructure's */
+  rpcplugin_manifest *app = NULL;      /* an application's, or NULL */
+  rpcplugin_module *app_mod = NULL;
   rpcplugin_runtime *rt = NULL;
   rpcplugin_runtime_options ro;
   rpcplugin_load_options lo;
@@ -1027,6 +1029,17 @@ int main(int argc, char **argv) {
     early("%s", err.message);
     return 1;
   }
+  if (rpcplugin_manifest_is_application(manifest)) {
+    /* An application's manifest: its module serves the application's
+     * services, next to the infrastructure module its manifest names. */
+    app = manifest;
+    manifest = NULL;
+    if (rpcplugin_manifest_load_infrastructure(app, &manifest, &err) != 0) {
+      early("%s", err.message);
+      rpcplugin_manifest_free(app);
+      return 1;
+    }
+  }
   H.fallback = !(rpcplugin_manifest_services(manifest) & RPCPLUGIN_SVC_STDIO);
   client_pem = getenv("PLUGIN_CLIENT_CERT");
   if (client_pem && *client_pem) {
@@ -1073,7 +1086,8 @@ int main(int argc, char **argv) {
   lo.struct_size = sizeof lo;
   lo.search_path = H.module_paths;
   if (rpcplugin_runtime_create(&ro, &rt, &err) != 0 ||
-      rpcplugin_module_load(rt, manifest, &lo, &H.mod, &err) != 0) {
+      rpcplugin_module_load(rt, manifest, &lo, &H.mod, &err) != 0 ||
+      (app && rpcplugin_module_load(rt, app, &lo, &app_mod, &err) != 0)) {
     early("%s", err.message);
     goto fail;
   }
@@ -1126,7 +1140,8 @@ int main(int argc, char **argv) {
   }
   if (H.log_level >= RPCPLUGIN_LOG_INFO)
     say("serving %s (%s) on %s %s, app protocol %d%s",
-        rpcplugin_manifest_name(manifest), rpcplugin_module_path(H.mod),
+        app ? rpcplugin_manifest_name(app) : rpcplugin_manifest_name(manifest),
+        app ? rpcplugin_module_path(app_mod) : rpcplugin_module_path(H.mod),
         H.network == NET_UNIX ? "unix" : "tcp", addr, app_version,
         cert.cert_b64 ? ", AutoMTLS" : "");
 
@@ -1194,6 +1209,7 @@ int main(int argc, char **argv) {
   trace_phase("module unloaded", t0);
   grpc_server_destroy(server);
   rpcplugin_manifest_free(manifest);
+  rpcplugin_manifest_free(app);
   host_tls_free(&cert);
   grpc_shutdown_blocking();
   trace_phase("gRPC shut down", t0);
@@ -1208,6 +1224,7 @@ fail:
   if (server) grpc_server_destroy(server);
   remove_socket();
   rpcplugin_manifest_free(manifest);
+  rpcplugin_manifest_free(app);
   host_tls_free(&cert);
   if (grpc_up) grpc_shutdown_blocking();
   return 1;

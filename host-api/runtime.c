@@ -19,6 +19,7 @@
  * is made while it is held, and handlers run without it.
  */
 #include "internal.h"
+#include "callengine.h"
 #include "monotime.h"
 
 #include <dirent.h>
@@ -44,6 +45,9 @@
 /* At the drain: unread bytes that did not change for this long mean that
  * nobody reads them (an idle C-core client never reads the GOAWAY). */
 #define RT_STALL_MS 100
+/* How long handlers may take to finish application calls after they were
+ * cancelled at shutdown. */
+#define RT_CALLS_WAIT_MS 5000
 
 /* In this order: a state compares greater than the ones before it. */
 enum rt_state {
@@ -85,10 +89,22 @@ typedef struct rt_reject {
   int cancelled;
 } rt_reject;
 
+/* An application method's route: the handler, and the call set its calls
+ * join (the binding's, or the runtime's for the host's own methods). */
+typedef struct rt_app_route {
+  rp_callset *set;
+  rpcplugin_method_handler handler;
+  void *handler_ctx;
+  char *path;
+  struct rt_app_route *next;
+} rt_app_route;
+
 struct rp_binding {
   rpcplugin_runtime *rt;
   rpcplugin_module *mod;
   int inflight; /* handler calls running now */
+  rp_callset calls;    /* the module's application calls */
+  rt_app_route *apps;  /* its application routes, freed with it */
   rp_binding *next;
 };
 
@@ -118,6 +134,8 @@ struct rpcplugin_runtime {
   struct timespec t_stop; /* when the drain began (debug traces) */
   rpcplugin_tag shutdown_tag;
   atomic_int shutdown_requested;
+  rp_callset host_calls;    /* application calls of the host's own methods */
+  rt_app_route *host_apps;  /* their routes */
 };
 
 /* The runtime whose poller runs on this thread (NULL elsewhere). */
@@ -393,6 +411,70 @@ int rpcplugin_runtime_add_method(rpcplugin_runtime *rt, const char *path,
   return add_route(rt, NULL, path, kind, handler, handler_ctx, err);
 }
 
+/* Every application call arrives here: hand it to rp_app_call_start. */
+static void app_route_call(void *ctx, grpc_call *call,
+                           grpc_byte_buffer *request, gpr_timespec deadline) {
+  rt_app_route *r = ctx;
+  rp_app_call_start(r->set, r->path, r->handler, r->handler_ctx, call,
+                    request, deadline);
+}
+
+static void log_to_runtime(void *ctx, int level, const char *msg) {
+  rp_runtime_log(ctx, level, "%s", msg);
+}
+
+static int add_app_route(rpcplugin_runtime *rt, rp_binding *owner,
+                         const char *path, int kind,
+                         rpcplugin_method_handler handler, void *hctx,
+                         rpcplugin_error *err) {
+  rt_app_route *r;
+  int rc;
+  if (handler == NULL)
+    return rp_error(err, RPCPLUGIN_EINVAL, "add_call_method: no handler");
+  r = calloc(1, sizeof *r);
+  if (r == NULL || (r->path = strdup(path ? path : "")) == NULL) {
+    free(r);
+    return rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
+  }
+  r->set = owner ? &owner->calls : &rt->host_calls;
+  r->handler = handler;
+  r->handler_ctx = hctx;
+  rc = add_route(rt, owner, path, kind, app_route_call, r, err);
+  if (rc != 0) {
+    free(r->path);
+    free(r);
+    return rc;
+  }
+  pthread_mutex_lock(&rt->mu);
+  if (owner) {
+    r->next = owner->apps;
+    owner->apps = r;
+  } else {
+    r->next = rt->host_apps;
+    rt->host_apps = r;
+  }
+  pthread_mutex_unlock(&rt->mu);
+  return 0;
+}
+
+static void free_app_routes(rt_app_route *r) {
+  while (r) {
+    rt_app_route *next = r->next;
+    free(r->path);
+    free(r);
+    r = next;
+  }
+}
+
+int rpcplugin_runtime_add_call_method(rpcplugin_runtime *rt, const char *path,
+                                      int kind,
+                                      rpcplugin_method_handler handler,
+                                      void *handler_ctx, rpcplugin_error *err) {
+  rp_error_clear(err);
+  if (rt == NULL) return rp_error(err, RPCPLUGIN_EINVAL, "runtime is NULL");
+  return add_app_route(rt, NULL, path, kind, handler, handler_ctx, err);
+}
+
 /* ----------------------------------------------- host API for modules */
 
 static int host_add_method(void *host_ctx, const char *path, int kind,
@@ -401,6 +483,16 @@ static int host_add_method(void *host_ctx, const char *path, int kind,
   rp_binding *b = host_ctx;
   rpcplugin_error err;
   int rc = add_route(b->rt, b, path, kind, handler, hctx, &err);
+  if (rc && errbuf && errlen) snprintf(errbuf, errlen, "%s", err.message);
+  return rc;
+}
+
+static int host_add_call_method(void *host_ctx, const char *path, int kind,
+                                rpcplugin_method_handler handler, void *hctx,
+                                char *errbuf, size_t errlen) {
+  rp_binding *b = host_ctx;
+  rpcplugin_error err;
+  int rc = add_app_route(b->rt, b, path, kind, handler, hctx, &err);
   if (rc && errbuf && errlen) snprintf(errbuf, errlen, "%s", err.message);
   return rc;
 }
@@ -428,6 +520,7 @@ rp_binding *rp_runtime_bind(rpcplugin_runtime *rt, rpcplugin_module *mod) {
   if (b == NULL) return NULL;
   b->rt = rt;
   b->mod = mod;
+  rp_callset_init(&b->calls, log_to_runtime, rt);
   pthread_mutex_lock(&rt->mu);
   b->next = rt->bindings;
   rt->bindings = b;
@@ -447,6 +540,7 @@ void rp_runtime_fill_host_api(rp_binding *b, rpcplugin_host_api *api) {
   api->request_shutdown = host_request_shutdown;
   api->log = host_log;
   api->on_poller_thread = host_on_poller_thread;
+  api->add_call_method = host_add_call_method;
 }
 
 void rp_runtime_unroute(rp_binding *b) {
@@ -474,7 +568,17 @@ void rp_runtime_unbind(rp_binding *b) {
       break;
     }
   pthread_mutex_unlock(&rt->mu);
+  /* Its calls are gone (rp_module_shut waited for them), or the module is
+   * kept loaded (rp_module_free) and so is this. */
+  rp_callset_destroy(&b->calls);
+  free_app_routes(b->apps);
   free(b);
+}
+
+void rp_runtime_cancel_calls(rp_binding *b) { rp_callset_cancel(&b->calls); }
+
+size_t rp_runtime_wait_calls(rp_binding *b, long timeout_ms) {
+  return rp_callset_wait(&b->calls, timeout_ms);
 }
 
 int rp_runtime_started(const rpcplugin_runtime *rt) {
@@ -529,6 +633,7 @@ int rpcplugin_runtime_create(const rpcplugin_runtime_options *opts,
   pthread_mutex_init(&rt->mu, NULL);
   rp_cond_init_monotonic(&rt->cv);
   rt->shutdown_tag.on_done = shutdown_tag_done;
+  rp_callset_init(&rt->host_calls, log_to_runtime, rt);
   grpc_init();
   rt->cq = grpc_completion_queue_create_for_next(NULL);
   grpc_server_register_completion_queue(rt->server, rt->cq, NULL);
@@ -706,6 +811,15 @@ int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
       rp_module_shut(mod);
     }
   }
+  /* The host's own application calls: cancelled, and the host's handlers
+   * finish them (on_cancel); bounded, a handler that never does is only
+   * reported. */
+  rp_callset_cancel(&rt->host_calls);
+  if (rp_callset_wait(&rt->host_calls, RT_CALLS_WAIT_MS) > 0)
+    rp_runtime_log(rt, RPCPLUGIN_LOG_ERROR,
+                   "rpcplugin: %zu application calls of the host were not "
+                   "finished %d ms after they were cancelled",
+                   rp_callset_count(&rt->host_calls), RT_CALLS_WAIT_MS);
   trace_step(rt, &rt->t_stop, "modules stopped");
 
   /* 3. Let the clients read what was sent before their connections are
@@ -848,6 +962,8 @@ void rpcplugin_runtime_destroy(rpcplugin_runtime *rt) {
     free(m->path);
     free(m);
   }
+  free_app_routes(rt->host_apps);
+  rp_callset_destroy(&rt->host_calls);
   grpc_completion_queue_destroy(rt->cq);
   pthread_cond_destroy(&rt->cv);
   pthread_mutex_destroy(&rt->mu);

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Build the Go interop programs (gpclient, gpserver) into OUTDIR/bin, in
+# Build the Go interop programs (gpclient, gpserver; gpkv, gpkvplugin,
+# gpcounter, gpcounterplugin for go-plugin's examples) into OUTDIR/bin, in
 # GOPATH mode against Debian's packaged Go libraries (go-plugin v1.0.1 and
 # friends under /usr/share/gocode).  No network, no module proxy.
 # Idempotent: the Go build cache lives in OUTDIR/gocache, so a second run
@@ -68,8 +69,9 @@ export CGO_ENABLED=0
 mkdir -p "$OUT/bin"
 cd "$HERE/src/rpcplugin-interop"
 "$GO" vet ./...
-for prog in gpclient gpserver; do
+PROGS="gpclient gpserver gpkv gpkvplugin gpcounter gpcounterplugin"
+for prog in $PROGS; do
   "$GO" build -o "$OUT/bin/$prog.tmp" "./$prog"
   mv -f "$OUT/bin/$prog.tmp" "$OUT/bin/$prog"
 done
-echo "$0: built $OUT/bin/gpclient $OUT/bin/gpserver"
+echo "$0: built in $OUT/bin: $PROGS"

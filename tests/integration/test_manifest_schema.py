@@ -33,7 +33,9 @@ BASE = {"manifest_version": 1, "name": "t", "module": "rpcplugin_services.so",
 BAD = [
     dict(BASE, extra=1),
     dict(BASE, services=[]),
-    dict(BASE, services=["plugin.Nope"]),
+    dict(BASE, services=["plugin..Nope"]),
+    dict(BASE, services=["plugin.GRPCStdio", "proto.KV"]),
+    dict(BASE, infrastructure="host.json"),
     dict(BASE, abi_version="1"),
     dict(BASE, protocol_version=2),
     dict(BASE, config={"stdio": {"overflow": "spill"}}),
@@ -41,6 +43,16 @@ BAD = [
     dict(BASE, config={"broker": {"networks": ["udp"]}}),
     dict(BASE, config={"unknown": {}}),
 ]
+
+
+APP = {"manifest_version": 1, "name": "kv", "module": "kv.so",
+       "abi_version": "1.1", "protocol_version": 1, "services": ["proto.KV"],
+       "infrastructure": "host.json", "config": {"anything": [1]}}
+
+
+def test_application_manifest_valid(validator):
+    validator.validate(APP)
+    validator.validate({k: v for k, v in APP.items() if k != "infrastructure"})
 
 
 @pytest.mark.parametrize("doc", BAD, ids=range(len(BAD)))

@@ -17,6 +17,9 @@
 
 #include "check.h"
 
+#define RP_STR2(x) #x
+#define RP_STR(x) RP_STR2(x)
+
 static char tmpdir[] = "/tmp/rp-loader-XXXXXX";
 static char marker[512];
 static const char *fixtures, *moddir;
@@ -84,7 +87,7 @@ static void expect_refused(const char *fixture, int code, const char *what) {
 static void test_refused(void) {
   new_runtime();
   expect_refused("fake_major2.so", RPCPLUGIN_EABI,
-                 "ABI major mismatch (host ABI 1.0, module ABI 2.0)");
+                 "ABI major mismatch (host ABI " RP_STR(RPCPLUGIN_ABI_MAJOR) "." RP_STR(RPCPLUGIN_ABI_MINOR) ", module ABI 2.0)");
   expect_refused("fake_no_entry.so", RPCPLUGIN_ENOSYM,
                  "no entry point rpcplugin_module_entry in");
   expect_refused("fake_bad_magic.so", RPCPLUGIN_EABI, "bad magic");

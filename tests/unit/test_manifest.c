@@ -57,6 +57,58 @@ static void test_good(void) {
   rpcplugin_manifest_free(m);
 }
 
+static void test_application(const char *dir) {
+  rpcplugin_manifest *m = NULL, *infra = NULL;
+  rpcplugin_error err;
+  char json[512];
+  snprintf(json, sizeof json,
+           "{\"manifest_version\": 1, \"name\": \"kv\", \"module\": "
+           "\"kv.so\", \"abi_version\": \"1.1\", \"protocol_version\": 1, "
+           "\"services\": [\"proto.KV\", \"proto.Other_2\"], "
+           "\"infrastructure\": \"%s/default.json\", \"config\": "
+           "{\"anything\": [1, 2]}}",
+           dir);
+  CHECK_EQ_INT(rpcplugin_manifest_parse(json, strlen(json), "app/kv.json", &m,
+                                        &err),
+               0);
+  if (m == NULL) return;
+  CHECK_EQ_INT(rpcplugin_manifest_is_application(m), 1);
+  CHECK_EQ_INT((int)rpcplugin_manifest_services(m), 0);
+  CHECK_EQ_INT((int)rpcplugin_manifest_service_count(m), 2);
+  CHECK(strcmp(rpcplugin_manifest_service_name(m, 0), "proto.KV") == 0);
+  CHECK(strcmp(rpcplugin_manifest_service_name(m, 1), "proto.Other_2") == 0);
+  CHECK(rpcplugin_manifest_service_name(m, 2) == NULL);
+  CHECK(strcmp(rpcplugin_manifest_config_json(m), "{\"anything\":[1,2]}") ==
+        0);
+  /* An absolute "infrastructure" loads that manifest. */
+  CHECK_EQ_INT(rpcplugin_manifest_load_infrastructure(m, &infra, &err), 0);
+  if (infra) {
+    CHECK_EQ_INT(rpcplugin_manifest_is_application(infra), 0);
+    CHECK_EQ_INT((int)rpcplugin_manifest_service_count(infra), 4);
+  }
+  rpcplugin_manifest_free(infra);
+  rpcplugin_manifest_free(m);
+
+  /* A bare name nobody has: the error names the folders looked in. */
+  snprintf(json, sizeof json,
+           "{\"manifest_version\": 1, \"name\": \"kv\", \"module\": "
+           "\"kv.so\", \"abi_version\": \"1.1\", \"protocol_version\": 1, "
+           "\"services\": [\"proto.KV\"], \"infrastructure\": "
+           "\"no-such-infra.json\"}");
+  m = NULL;
+  CHECK_EQ_INT(rpcplugin_manifest_parse(json, strlen(json), "app/kv.json", &m,
+                                        &err),
+               0);
+  if (m == NULL) return;
+  infra = NULL;
+  CHECK_EQ_INT(rpcplugin_manifest_load_infrastructure(m, &infra, &err),
+               RPCPLUGIN_ENOENT);
+  CHECK(infra == NULL);
+  CHECK_CONTAINS(err.message, "app/kv.json: field \"infrastructure\": no "
+                              "manifest \"no-such-infra.json\" in app");
+  rpcplugin_manifest_free(m);
+}
+
 static void test_shipped(const char *dir) {
   static const char *const names[] = {"default.json", "controller-health.json",
                                       "stdio-broker.json"};
@@ -90,9 +142,29 @@ static void test_errors(void) {
   CHECK_CONTAINS(e, "field \"services[1]\"");
   CHECK_CONTAINS(e, "got number 3");
 
-  e = parse_err("{" GOOD ", \"services\": [\"plugin.Nope\"]}", NULL);
+  e = parse_err("{" GOOD ", \"services\": [\"plugin..Nope\"]}", NULL);
   CHECK_CONTAINS(e, "services[0]");
   CHECK_CONTAINS(e, "\"plugin.GRPCBroker\"");
+  CHECK_CONTAINS(e, "an application service such as \"proto.KV\"");
+  CHECK_CONTAINS(e, "got string \"plugin..Nope\"");
+  e = parse_err("{" GOOD ", \"services\": [\"proto.1KV\"]}", NULL);
+  CHECK_CONTAINS(e, "services[0]");
+  e = parse_err("{" GOOD ", \"services\": [\"proto.KV \"]}", NULL);
+  CHECK_CONTAINS(e, "services[0]");
+
+  /* Infrastructure or application services, not both. */
+  e = parse_err("{" GOOD ", \"services\": [\"plugin.GRPCStdio\", "
+                "\"proto.KV\"]}", &code);
+  CHECK_EQ_INT(code, RPCPLUGIN_EMANIFEST);
+  CHECK_CONTAINS(e, "field \"services[1]\": a manifest names either");
+  /* "infrastructure" belongs to an application's manifest. */
+  e = parse_err("{" GOOD ", \"services\": [\"plugin.GRPCStdio\"], "
+                "\"infrastructure\": \"host.json\"}", NULL);
+  CHECK_CONTAINS(e, "field \"infrastructure\": only an application");
+  e = parse_err("{" GOOD ", \"services\": [\"proto.KV\"], "
+                "\"infrastructure\": 3}", NULL);
+  CHECK_CONTAINS(e, "field \"infrastructure\"");
+  CHECK_CONTAINS(e, "got number 3");
 
   e = parse_err("{" GOOD ", \"services\": [\"plugin.GRPCStdio\", "
                 "\"plugin.GRPCStdio\"]}", NULL);
@@ -130,7 +202,12 @@ static void test_errors(void) {
                 "\"services\": [\"plugin.GRPCStdio\"]}", &code);
   CHECK_EQ_INT(code, RPCPLUGIN_EABI);
   CHECK_CONTAINS(e, "built for ABI 2.3");
-  CHECK_CONTAINS(e, "this host speaks ABI 1.0");
+  {
+    char want[64];
+    snprintf(want, sizeof want, "this host speaks ABI %d.%d",
+             RPCPLUGIN_ABI_MAJOR, RPCPLUGIN_ABI_MINOR);
+    CHECK_CONTAINS(e, want);
+  }
 
   e = parse_err("{" GOOD ", \"services\": [\"plugin.GRPCStdio\"], "
                 "\"config\": []}", NULL);
@@ -183,6 +260,7 @@ static void test_errnames(void) {
 int main(int argc, char **argv) {
   test_good();
   test_shipped(argc > 1 ? argv[1] : "manifests");
+  test_application(argc > 1 ? argv[1] : "manifests");
   test_errors();
   test_load_errors();
   test_errnames();

@@ -82,8 +82,30 @@ const char *rpcplugin_manifest_module(const rpcplugin_manifest *m);
 int rpcplugin_manifest_protocol_version(const rpcplugin_manifest *m);
 void rpcplugin_manifest_abi_version(const rpcplugin_manifest *m, int *major,
                                     int *minor);
-/* Bitmask of enum rpcplugin_service. */
+/* Bitmask of enum rpcplugin_service: the infrastructure services named. */
 unsigned rpcplugin_manifest_services(const rpcplugin_manifest *m);
+/* Every service the manifest names, in order (infrastructure or
+ * application: fully qualified gRPC names).  (Added in 0.2.) */
+size_t rpcplugin_manifest_service_count(const rpcplugin_manifest *m);
+const char *rpcplugin_manifest_service_name(const rpcplugin_manifest *m,
+                                            size_t i);
+/* 1 when the manifest names application services (no infrastructure
+ * service): an application module, served next to an infrastructure
+ * module.  (Added in 0.2.) */
+int rpcplugin_manifest_is_application(const rpcplugin_manifest *m);
+/* An application manifest's "infrastructure" (the infrastructure
+ * manifest to serve next to it), or NULL when it names none. */
+const char *rpcplugin_manifest_infrastructure(const rpcplugin_manifest *m);
+/* Load the infrastructure manifest an application manifest asks for:
+ * its "infrastructure", default "host.json".  A value with a slash is a
+ * path relative to the application manifest's folder (or absolute); a bare
+ * name is looked for in that folder, in each folder of
+ * $RPCPLUGIN_MANIFEST_PATH, in share/rpcplugin/manifests next to the
+ * installed librpcplugin (<libdir>/../share, relocatable), and in the
+ * folder configured at build time.  (Added in 0.2.) */
+int rpcplugin_manifest_load_infrastructure(const rpcplugin_manifest *app,
+                                           rpcplugin_manifest **out,
+                                           rpcplugin_error *err);
 /* The "config" object as compact JSON ("{}" when absent). */
 const char *rpcplugin_manifest_config_json(const rpcplugin_manifest *m);
 
@@ -131,6 +153,16 @@ int rpcplugin_runtime_start(rpcplugin_runtime *rt, rpcplugin_error *err);
 int rpcplugin_runtime_add_method(rpcplugin_runtime *rt, const char *path,
                                  int kind, rpcplugin_call_handler handler,
                                  void *handler_ctx, rpcplugin_error *err);
+
+/* Serve a method of the host's own through the application call API
+ * (rpcplugin_call, <rpcplugin/rpcplugin.h>): no batches or tags.  Before
+ * grpc_server_start.  At shutdown the calls still unfinished are cancelled
+ * (on_cancel runs) and the runtime waits up to 5 s for the handlers to
+ * finish them.  (Added in 0.2.) */
+int rpcplugin_runtime_add_call_method(rpcplugin_runtime *rt, const char *path,
+                                      int kind,
+                                      rpcplugin_method_handler handler,
+                                      void *handler_ctx, rpcplugin_error *err);
 
 /* The completion queue the runtime polls; tags must begin with an
  * rpcplugin_tag. */

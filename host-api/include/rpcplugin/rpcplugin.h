@@ -77,7 +77,7 @@ extern "C" {
 #endif
 
 #define RPCPLUGIN_ABI_MAJOR 1
-#define RPCPLUGIN_ABI_MINOR 0
+#define RPCPLUGIN_ABI_MINOR 1
 
 /* "RPCP" read as a little-endian uint32. */
 #define RPCPLUGIN_MODULE_MAGIC 0x50435052u
@@ -166,6 +166,124 @@ typedef void (*rpcplugin_call_handler)(void *handler_ctx, grpc_call *call,
                                        grpc_byte_buffer *request,
                                        gpr_timespec deadline);
 
+/* ------------------------------------------------- application calls */
+
+/*
+ * A call to a method of an application service (the service a go-plugin
+ * client Dispenses and calls), served without the C core's batches and
+ * tags.  ABI 1.1.  Messages are bytes: the plugin encodes and decodes them
+ * itself (protobuf-c, or anything else).
+ *
+ * The handler receives the call on a poller thread and must not block.
+ * It owns the call until it calls rpcplugin_call_finish, exactly once,
+ * from any thread, now or later (after I/O of its own); the call must not
+ * be touched afterwards.  Every other entry may be called from any thread
+ * while the handler owns the call.  A call ends early when the client
+ * cancels, its deadline passes or the plugin shuts down: then
+ * rpcplugin_call_cancelled answers 1, the on_cancel callback runs, sends
+ * fail with RPCPLUGIN_ESHUTDOWN, and the handler still calls finish (which
+ * then only lets the call go).  At shutdown, calls still unfinished are
+ * cancelled before the module's shutdown entry runs, and the module's
+ * shutdown must finish every call it still holds before it returns.
+ *
+ *   unary, server streaming:  rpcplugin_call_request() is the request;
+ *   client streaming, bidi:   rpcplugin_call_read() reads messages, one
+ *                             read at a time, until end of stream.
+ *   replies:  rpcplugin_call_send() queues a message (a unary method sends
+ *             exactly one), rpcplugin_call_finish() ends the call with a
+ *             gRPC status code and message after the queued messages.
+ *
+ * Backpressure: at most RPCPLUGIN_CALL_SEND_QUEUE_BYTES of messages wait
+ * per call (a single larger message is accepted when none waits); beyond
+ * that send returns RPCPLUGIN_ELIMIT, and an on_writable callback runs once
+ * the queue is down to half.  Callbacks run on a poller thread, one at a
+ * time per call, and must not block.
+ */
+typedef struct rpcplugin_call rpcplugin_call;
+typedef struct rpcplugin_call_ops rpcplugin_call_ops;
+
+struct rpcplugin_call {
+  const rpcplugin_call_ops *ops;
+  void *user; /* free for the handler: its per-call state */
+};
+
+/* A new call.  Poller thread; must not block. */
+typedef void (*rpcplugin_method_handler)(void *handler_ctx,
+                                         rpcplugin_call *call);
+/* A read finished: status 1 with a message (data, len: valid during the
+ * callback only), 0 at the end of the client's stream, or a negative
+ * RPCPLUGIN_E* code when the call ended first. */
+typedef void (*rpcplugin_read_cb)(rpcplugin_call *call, int status,
+                                  const void *data, size_t len, void *ud);
+typedef void (*rpcplugin_call_cb)(rpcplugin_call *call, void *ud);
+
+#define RPCPLUGIN_CALL_SEND_QUEUE_BYTES (1u << 20)
+
+struct rpcplugin_call_ops {
+  uint32_t struct_size; /* sizeof(rpcplugin_call_ops) of the host */
+  /* "/package.Service/Method" */
+  const char *(*method)(rpcplugin_call *call);
+  /* The request of a unary or server-streaming call (NULL and 0 for the
+   * others, or when the client sent none). */
+  const void *(*request)(rpcplugin_call *call, size_t *len);
+  /* Milliseconds until the client's deadline, -1 when it set none. */
+  int64_t (*time_left_ms)(rpcplugin_call *call);
+  /* 1 once the call ended early (client cancel, deadline, shutdown). */
+  int (*cancelled)(rpcplugin_call *call);
+  /* Run cb once when the call ends early (at once if it already did). */
+  int (*on_cancel)(rpcplugin_call *call, rpcplugin_call_cb cb, void *ud);
+  /* Read the next message (client or bidi streaming); one at a time. */
+  int (*read)(rpcplugin_call *call, rpcplugin_read_cb cb, void *ud);
+  /* Queue a message (copied).  RPCPLUGIN_ELIMIT: queue full, try after
+   * on_writable; RPCPLUGIN_ESHUTDOWN: the call ended; RPCPLUGIN_ESTATE:
+   * after finish. */
+  int (*send)(rpcplugin_call *call, const void *data, size_t len);
+  /* Run cb once, when the send queue is down to half (at once if it is). */
+  int (*on_writable)(rpcplugin_call *call, rpcplugin_call_cb cb, void *ud);
+  /* Bytes queued and not yet handed to the transport. */
+  size_t (*send_queued)(rpcplugin_call *call);
+  /* End the call with a grpc_status_code and a message (may be NULL)
+   * after the queued messages; the handler lets go of the call. */
+  int (*finish)(rpcplugin_call *call, int status, const char *message);
+};
+
+static inline const char *rpcplugin_call_method(rpcplugin_call *c) {
+  return c->ops->method(c);
+}
+static inline const void *rpcplugin_call_request(rpcplugin_call *c,
+                                                 size_t *len) {
+  return c->ops->request(c, len);
+}
+static inline int64_t rpcplugin_call_time_left_ms(rpcplugin_call *c) {
+  return c->ops->time_left_ms(c);
+}
+static inline int rpcplugin_call_cancelled(rpcplugin_call *c) {
+  return c->ops->cancelled(c);
+}
+static inline int rpcplugin_call_on_cancel(rpcplugin_call *c,
+                                           rpcplugin_call_cb cb, void *ud) {
+  return c->ops->on_cancel(c, cb, ud);
+}
+static inline int rpcplugin_call_read(rpcplugin_call *c, rpcplugin_read_cb cb,
+                                      void *ud) {
+  return c->ops->read(c, cb, ud);
+}
+static inline int rpcplugin_call_send(rpcplugin_call *c, const void *data,
+                                      size_t len) {
+  return c->ops->send(c, data, len);
+}
+static inline int rpcplugin_call_on_writable(rpcplugin_call *c,
+                                             rpcplugin_call_cb cb, void *ud) {
+  return c->ops->on_writable(c, cb, ud);
+}
+static inline size_t rpcplugin_call_send_queued(rpcplugin_call *c) {
+  return c->ops->send_queued(c);
+}
+static inline int rpcplugin_call_finish(rpcplugin_call *c, int status,
+                                        const char *message) {
+  return c->ops->finish(c, status, message);
+}
+
 /* ------------------------------------------------------- host -> module */
 
 /*
@@ -212,6 +330,13 @@ typedef struct rpcplugin_host_api {
    * entries use it to refuse, with RPCPLUGIN_EWRONGTHREAD, a wait that
    * could never end. */
   int (*on_poller_thread)(void *host_ctx);
+
+  /* ABI 1.1.  Route a method of an application service to the module,
+   * served through rpcplugin_call (see "application calls" above).  Same
+   * rules and errors as add_method. */
+  int (*add_call_method)(void *host_ctx, const char *path, int kind,
+                         rpcplugin_method_handler handler, void *handler_ctx,
+                         char *err, size_t errlen);
 } rpcplugin_host_api;
 
 /* --------------------------------------------------------------- stats */

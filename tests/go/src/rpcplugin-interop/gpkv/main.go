@@ -1,0 +1,232 @@
+// gpkv is a go-plugin v1.0.1 client of the KV protocol of go-plugin's
+// examples/grpc, behaving like examples/grpc/main.go: it starts the plugin
+// with "sh -c COMMAND" (COMMAND from --plugin or $KV_PLUGIN), connects over
+// gRPC, dispenses "kv_grpc" and calls /proto.KV/Put or /proto.KV/Get, then
+// Kill()s the plugin.
+//
+//	gpkv [--automtls] [--timeout 10s] [--plugin CMD] get KEY
+//	gpkv [--automtls] [--timeout 10s] [--plugin CMD] put KEY VALUE
+//	gpkv [--automtls] [--plugin CMD] bench [--n 10000] [--concurrency 4] [--size 64]
+//
+// get prints the value's bytes and a newline.  bench makes N Put calls of
+// SIZE-byte values from C goroutines on one dispensed client and prints one
+// JSON line with p50/p99 latency (µs) and calls/s.  Any failure prints
+// "FAIL <step>: <error>" on stderr and exits 1.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"math"
+	"os"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	plugin "github.com/hashicorp/go-plugin"
+
+	"rpcplugin-interop/kvshared"
+)
+
+const env = "KV_PLUGIN"
+
+func usage() {
+	fmt.Fprint(os.Stderr, `usage:
+  gpkv [FLAGS] get KEY
+  gpkv [FLAGS] put KEY VALUE
+  gpkv [FLAGS] bench [--n N] [--concurrency C] [--size BYTES] [--warmup N] [--key PREFIX]
+FLAGS (also accepted after the subcommand):
+`)
+	fs := flag.NewFlagSet("gpkv", flag.ContinueOnError)
+	h := kvshared.DefaultHostFlags()
+	h.Add(fs, env)
+	fs.SetOutput(os.Stderr)
+	fs.PrintDefaults()
+	os.Exit(2)
+}
+
+func main() {
+	h := kvshared.DefaultHostFlags()
+	top := flag.NewFlagSet("gpkv", flag.ExitOnError)
+	top.Usage = usage
+	h.Add(top, env)
+	top.Parse(os.Args[1:])
+	if top.NArg() < 1 {
+		usage()
+	}
+	sub := flag.NewFlagSet(top.Arg(0), flag.ExitOnError)
+	sub.Usage = usage
+	h.Add(sub, env)
+	switch top.Arg(0) {
+	case "get", "put":
+		sub.Parse(top.Args()[1:])
+		want := map[string]int{"get": 1, "put": 2}[top.Arg(0)]
+		if sub.NArg() != want {
+			usage()
+		}
+		getPut(&h, top.Arg(0), sub.Args())
+	case "bench":
+		var b benchOpts
+		sub.IntVar(&b.n, "n", 10000, "number of timed Put calls")
+		sub.IntVar(&b.concurrency, "concurrency", 4, "goroutines making calls on the one client")
+		sub.IntVar(&b.size, "size", 64, "value size in bytes")
+		sub.IntVar(&b.warmup, "warmup", 100, "untimed Put calls before the timed ones")
+		sub.StringVar(&b.key, "key", "bench", "key prefix; goroutine i uses PREFIX<i>")
+		sub.Parse(top.Args()[1:])
+		if sub.NArg() != 0 || b.n < 1 || b.concurrency < 1 || b.size < 0 || b.warmup < 0 {
+			usage()
+		}
+		bench(&h, &b)
+	default:
+		usage()
+	}
+}
+
+func dispense(h *kvshared.HostFlags) (*kvshared.Session, *kvshared.KVClient) {
+	s, raw := kvshared.Launch(h, env,
+		map[string]plugin.Plugin{kvshared.KVPluginName: &kvshared.KVGRPCPlugin{}},
+		kvshared.KVPluginName)
+	kv, ok := raw.(*kvshared.KVClient)
+	if !ok {
+		kvshared.Fail("dispense", fmt.Errorf("unexpected type %T", raw))
+	}
+	return s, kv
+}
+
+func getPut(h *kvshared.HostFlags, op string, args []string) {
+	s, kv := dispense(h)
+	ctx, cancel := context.WithTimeout(context.Background(), h.Timeout)
+	defer cancel()
+	switch op {
+	case "get":
+		v, err := kv.Get(ctx, args[0])
+		if err != nil {
+			kvshared.Fail("get", err)
+		}
+		os.Stdout.Write(append(v, '\n'))
+	case "put":
+		if err := kv.Put(ctx, args[0], []byte(args[1])); err != nil {
+			kvshared.Fail("put", err)
+		}
+	}
+	s.Kill()
+}
+
+type benchOpts struct {
+	n, concurrency, size, warmup int
+	key                          string
+}
+
+// benchResult is the JSON line bench prints.
+type benchResult struct {
+	Program     string  `json:"program"`
+	Op          string  `json:"op"`
+	N           int     `json:"n"`
+	Concurrency int     `json:"concurrency"`
+	Size        int     `json:"size"`
+	AutoMTLS    bool    `json:"automtls"`
+	ElapsedS    float64 `json:"elapsed_s"`
+	CallsPerS   float64 `json:"calls_per_s"`
+	P50us       float64 `json:"p50_us"`
+	P99us       float64 `json:"p99_us"`
+	MinUs       float64 `json:"min_us"`
+	MaxUs       float64 `json:"max_us"`
+	MeanUs      float64 `json:"mean_us"`
+}
+
+func bench(h *kvshared.HostFlags, b *benchOpts) {
+	s, kv := dispense(h)
+	value := make([]byte, b.size)
+	for i := range value {
+		value[i] = 'a' + byte(i%26)
+	}
+	put := func(key string) (time.Duration, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), h.Timeout)
+		defer cancel()
+		t0 := time.Now()
+		err := kv.Put(ctx, key, value)
+		return time.Since(t0), err
+	}
+	for i := 0; i < b.warmup; i++ {
+		if _, err := put(fmt.Sprintf("%s%d", b.key, i%b.concurrency)); err != nil {
+			kvshared.Fail("bench warmup", err)
+		}
+	}
+
+	lat := make([]time.Duration, b.n)
+	var next int64 = -1
+	var firstErr error
+	var errOnce sync.Once
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for w := 0; w < b.concurrency; w++ {
+		key := fmt.Sprintf("%s%d", b.key, w)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := atomic.AddInt64(&next, 1)
+				if i >= int64(b.n) {
+					return
+				}
+				d, err := put(key)
+				if err != nil {
+					errOnce.Do(func() { firstErr = fmt.Errorf("call %d: %w", i, err) })
+					atomic.StoreInt64(&next, int64(b.n)) // stop everyone
+					return
+				}
+				lat[i] = d
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(t0)
+	if firstErr != nil {
+		kvshared.Fail("bench", firstErr)
+	}
+
+	// The value must have arrived: what Get returns starts with it (the
+	// Go plugin, like the example, appends a "Written from" trailer).
+	ctx, cancel := context.WithTimeout(context.Background(), h.Timeout)
+	got, err := kv.Get(ctx, b.key+"0")
+	cancel()
+	if err != nil {
+		kvshared.Fail("bench verify", err)
+	}
+	if len(got) < len(value) || string(got[:len(value)]) != string(value) {
+		kvshared.Fail("bench verify", errors.New("Get after the Puts does not return the value"))
+	}
+
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	var sum time.Duration
+	for _, d := range lat {
+		sum += d
+	}
+	us := func(d time.Duration) float64 { return math.Round(float64(d)/float64(time.Microsecond)*10) / 10 }
+	line, _ := json.Marshal(benchResult{
+		Program: "gpkv", Op: "put", N: b.n, Concurrency: b.concurrency, Size: b.size,
+		AutoMTLS:  h.AutoMTLS,
+		ElapsedS:  math.Round(elapsed.Seconds()*1e6) / 1e6,
+		CallsPerS: math.Round(float64(b.n)/elapsed.Seconds()*10) / 10,
+		P50us:     us(percentile(lat, 0.50)),
+		P99us:     us(percentile(lat, 0.99)),
+		MinUs:     us(lat[0]),
+		MaxUs:     us(lat[len(lat)-1]),
+		MeanUs:    us(sum / time.Duration(len(lat))),
+	})
+	s.Kill()
+	fmt.Println(string(line))
+}
+
+// percentile is the nearest-rank percentile of sorted durations.
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	i := int(math.Ceil(p*float64(len(sorted)))) - 1
+	if i < 0 {
+		i = 0
+	}
+	return sorted[i]
+}
