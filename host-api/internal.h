@@ -30,6 +30,20 @@ void rp_runtime_unbind(rp_binding *b);
  * timeout_ms for their handlers to finish them; returns those left. */
 void rp_runtime_cancel_calls(rp_binding *b);
 size_t rp_runtime_wait_calls(rp_binding *b, long timeout_ms);
+/* client.c: a channel to what a broker advertisement names (TLS when
+ * peer_pem is set), and one blocking unary call. */
+grpc_channel *rp_client_channel(const char *network, const char *address,
+                                const char *cert_pem, const char *key_pem,
+                                const char *peer_pem);
+int rp_unary_call(grpc_channel *channel, const char *method, const void *req,
+                  size_t req_len, int timeout_ms, void *resp, size_t resp_cap,
+                  size_t *resp_len, char *err, size_t errlen);
+/* Descriptors the modules and the host added (for server reflection):
+ * serialized FileDescriptorSets, in the order added.  The runtime owns
+ * them; valid until rpcplugin_runtime_destroy. */
+size_t rp_runtime_descriptor_sets(rpcplugin_runtime *rt,
+                                  const void *const **sets,
+                                  const size_t **lens);
 /* call.c: a new application call; the handler owns it. */
 struct rp_callset;
 void rp_app_call_start(struct rp_callset *set, const char *method,

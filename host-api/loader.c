@@ -42,6 +42,7 @@ struct rpcplugin_module {
   int shut;
   int keep_loaded; /* application calls outlived its shutdown */
   int fd;          /* the file dlopen mapped, open while loaded */
+  unsigned services; /* the manifest's infrastructure services */
 };
 
 /* Try dir/name; on success *fd is open and path filled.  Returns 0, or
@@ -229,6 +230,7 @@ int rpcplugin_module_load(rpcplugin_runtime *rt, const rpcplugin_manifest *m,
     return rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
   }
   mod->rt = rt;
+  mod->services = rpcplugin_manifest_services(m);
   snprintf(fdpath, sizeof fdpath, "/proc/self/fd/%d", fd);
   dlerror();
   mod->dl = dlopen(fdpath, RTLD_NOW | RTLD_LOCAL);
@@ -393,6 +395,10 @@ const rpcplugin_module_api *rpcplugin_module_api_of(
 
 void *rpcplugin_module_instance(const rpcplugin_module *mod) {
   return mod->inst;
+}
+
+unsigned rpcplugin_module_services_of(const rpcplugin_module *mod) {
+  return mod->services;
 }
 
 const char *rpcplugin_module_path(const rpcplugin_module *mod) {

@@ -190,7 +190,9 @@ static void usage(FILE *f) {
 "\n"
 "Options (before MANIFEST):\n"
 "  --magic-cookie KEY=VALUE  refuse to run (exit 1) unless the environment\n"
-"                            has KEY=VALUE, with go-plugin's message\n"
+"                            has KEY=VALUE, with go-plugin's message; KEY\n"
+"                            alone: any non-empty value (for applications\n"
+"                            that make a fresh value per launch, as CrowdSec)\n"
 "  --app-version N[,N...]    app protocol version(s) served (default 1)\n"
 "  --network unix|tcp        unix socket in a private directory (default), or\n"
 "                            tcp on 127.0.0.1\n"
@@ -299,13 +301,16 @@ static int parse_args(int argc, char **argv) {
     switch (c) {
       case O_COOKIE: {
         char *eq = strchr(optarg, '=');
-        if (eq == NULL || eq == optarg) {
-          early("--magic-cookie: expected KEY=VALUE, got \"%s\"", optarg);
+        if (eq == optarg || *optarg == '\0') {
+          early("--magic-cookie: expected KEY=VALUE or KEY, got \"%s\"",
+                optarg);
           return 2;
         }
-        *eq = '\0';
+        /* KEY alone: the host application makes a fresh value for each
+         * launch (CrowdSec does), so any non-empty value is accepted. */
+        if (eq) *eq = '\0';
         H.cookie_key = optarg;
-        H.cookie_value = eq + 1;
+        H.cookie_value = eq ? eq + 1 : NULL;
         break;
       }
       case O_APPVER:
@@ -407,7 +412,8 @@ static int check_cookie(void) {
   const char *v;
   if (H.cookie_key == NULL) return 0;
   v = getenv(H.cookie_key);
-  if (v == NULL || strcmp(v, H.cookie_value) != 0) {
+  if (v == NULL ||
+      (H.cookie_value ? strcmp(v, H.cookie_value) != 0 : *v == '\0')) {
     /* go-plugin's text, word for word. */
     fprintf(stderr,
             "This binary is a plugin. These are not meant to be executed "

@@ -136,6 +136,10 @@ struct rpcplugin_runtime {
   atomic_int shutdown_requested;
   rp_callset host_calls;    /* application calls of the host's own methods */
   rt_app_route *host_apps;  /* their routes */
+  char *tls_cert, *tls_key, *tls_peer; /* AutoMTLS, copied from opts */
+  void **desc;              /* descriptor sets for reflection */
+  size_t *desc_len;
+  size_t ndesc;
 };
 
 /* The runtime whose poller runs on this thread (NULL elsewhere). */
@@ -497,6 +501,132 @@ static int host_add_call_method(void *host_ctx, const char *path, int kind,
   return rc;
 }
 
+static int add_descriptor_set(rpcplugin_runtime *rt, const void *set,
+                              size_t len, rpcplugin_error *err) {
+  void **d;
+  size_t *l;
+  void *copy;
+  if (set == NULL || len == 0)
+    return rp_error(err, RPCPLUGIN_EINVAL, "add_descriptors: empty set");
+  copy = malloc(len);
+  if (copy == NULL) return rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
+  memcpy(copy, set, len);
+  pthread_mutex_lock(&rt->mu);
+  d = realloc(rt->desc, (rt->ndesc + 1) * sizeof *d);
+  if (d) rt->desc = d;
+  l = d ? realloc(rt->desc_len, (rt->ndesc + 1) * sizeof *l) : NULL;
+  if (l) rt->desc_len = l;
+  if (d && l) {
+    rt->desc[rt->ndesc] = copy;
+    rt->desc_len[rt->ndesc++] = len;
+  }
+  pthread_mutex_unlock(&rt->mu);
+  if (!d || !l) {
+    free(copy);
+    return rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
+  }
+  return 0;
+}
+
+int rpcplugin_runtime_add_descriptors(rpcplugin_runtime *rt,
+                                      const void *descriptor_set, size_t len,
+                                      rpcplugin_error *err) {
+  rp_error_clear(err);
+  if (rt == NULL) return rp_error(err, RPCPLUGIN_EINVAL, "runtime is NULL");
+  return add_descriptor_set(rt, descriptor_set, len, err);
+}
+
+size_t rp_runtime_descriptor_sets(rpcplugin_runtime *rt,
+                                  const void *const **sets,
+                                  const size_t **lens) {
+  size_t n;
+  pthread_mutex_lock(&rt->mu);
+  n = rt->ndesc;
+  *sets = (const void *const *)rt->desc;
+  *lens = rt->desc_len;
+  pthread_mutex_unlock(&rt->mu);
+  return n;
+}
+
+static int host_add_descriptors(void *host_ctx, const void *set, size_t len,
+                                char *errbuf, size_t errlen) {
+  rp_binding *b = host_ctx;
+  rpcplugin_error err;
+  int rc = add_descriptor_set(b->rt, set, len, &err);
+  if (rc && errbuf && errlen) snprintf(errbuf, errlen, "%s", err.message);
+  return rc;
+}
+
+/* go-plugin's Dial for an application module: the client's advertisement
+ * of id, from whichever loaded module serves the broker. */
+static int host_broker_dial(void *host_ctx, uint32_t id, int timeout_ms,
+                            grpc_channel **out, char *errbuf, size_t errlen) {
+  rp_binding *b = host_ctx;
+  rpcplugin_runtime *rt = b->rt;
+  rpcplugin_conn_info info;
+  rt_mod_node *n;
+  int rc = RPCPLUGIN_EUNSUPPORTED;
+  if (out == NULL) return RPCPLUGIN_EINVAL;
+  *out = NULL;
+  if (tls_poller != NULL) return RPCPLUGIN_EWRONGTHREAD;
+  for (;;) {
+    const rpcplugin_module_api *api = NULL;
+    void *inst = NULL;
+    /* The module list only grows or shrinks on control threads; look the
+     * broker up under the lock, call it without. */
+    pthread_mutex_lock(&rt->mu);
+    for (n = rt->modules; n; n = n->next) {
+      const rpcplugin_module_api *a = rpcplugin_module_api_of(n->mod);
+      if (RPCPLUGIN_MODULE_HAS(a, broker_wait_advertised) &&
+          (rpcplugin_module_services_of(n->mod) & RPCPLUGIN_SVC_BROKER)) {
+        api = a;
+        inst = rpcplugin_module_instance(n->mod);
+        break;
+      }
+    }
+    pthread_mutex_unlock(&rt->mu);
+    if (api == NULL) break;
+    rc = api->broker_wait_advertised(inst, id, timeout_ms, &info);
+    break;
+  }
+  if (rc != 0) {
+    if (errbuf && errlen)
+      snprintf(errbuf, errlen, "broker dial of id %u: %s", (unsigned)id,
+               rc == RPCPLUGIN_EUNSUPPORTED
+                   ? "no loaded module serves plugin.GRPCBroker"
+                   : rpcplugin_strerror(rc));
+    return rc;
+  }
+  *out = rp_client_channel(info.network, info.address, rt->tls_cert,
+                           rt->tls_key, rt->tls_peer);
+  if (*out == NULL) {
+    if (errbuf && errlen)
+      snprintf(errbuf, errlen, "broker dial of id %u: cannot create a "
+               "channel to %s %s", (unsigned)id, info.network, info.address);
+    return RPCPLUGIN_EGRPC;
+  }
+  return 0;
+}
+
+static void host_broker_release(void *host_ctx, grpc_channel *ch) {
+  (void)host_ctx;
+  if (ch) grpc_channel_destroy(ch);
+}
+
+static int host_unary_call(void *host_ctx, grpc_channel *ch,
+                           const char *method, const void *req,
+                           size_t req_len, int timeout_ms, void *resp,
+                           size_t resp_cap, size_t *resp_len, char *err,
+                           size_t errlen) {
+  (void)host_ctx;
+  if (tls_poller != NULL) return RPCPLUGIN_EWRONGTHREAD;
+  if (ch == NULL || method == NULL || (req == NULL && req_len > 0) ||
+      (resp == NULL && resp_cap > 0))
+    return RPCPLUGIN_EINVAL;
+  return rp_unary_call(ch, method, req, req_len, timeout_ms, resp, resp_cap,
+                       resp_len, err, errlen);
+}
+
 static void host_request_shutdown(void *host_ctx) {
   rp_binding *b = host_ctx;
   rpcplugin_runtime *rt = b->rt;
@@ -541,6 +671,13 @@ void rp_runtime_fill_host_api(rp_binding *b, rpcplugin_host_api *api) {
   api->log = host_log;
   api->on_poller_thread = host_on_poller_thread;
   api->add_call_method = host_add_call_method;
+  api->tls_cert_pem = b->rt->tls_cert;
+  api->tls_key_pem = b->rt->tls_key;
+  api->tls_peer_cert_pem = b->rt->tls_peer;
+  api->add_descriptors = host_add_descriptors;
+  api->broker_dial = host_broker_dial;
+  api->broker_release = host_broker_release;
+  api->unary_call = host_unary_call;
 }
 
 void rp_runtime_unroute(rp_binding *b) {
@@ -634,6 +771,16 @@ int rpcplugin_runtime_create(const rpcplugin_runtime_options *opts,
   rp_cond_init_monotonic(&rt->cv);
   rt->shutdown_tag.on_done = shutdown_tag_done;
   rp_callset_init(&rt->host_calls, log_to_runtime, rt);
+  /* The options' strings are the caller's: keep copies. */
+  rt->opts.tls_cert_pem = rt->opts.tls_key_pem = rt->opts.tls_peer_cert_pem =
+      NULL;
+  if (n >= offsetof(rpcplugin_runtime_options, tls_peer_cert_pem) +
+               sizeof(const char *) &&
+      opts->tls_cert_pem && opts->tls_key_pem && opts->tls_peer_cert_pem) {
+    rt->tls_cert = strdup(opts->tls_cert_pem);
+    rt->tls_key = strdup(opts->tls_key_pem);
+    rt->tls_peer = strdup(opts->tls_peer_cert_pem);
+  }
   grpc_init();
   rt->cq = grpc_completion_queue_create_for_next(NULL);
   grpc_server_register_completion_queue(rt->server, rt->cq, NULL);
@@ -964,6 +1111,12 @@ void rpcplugin_runtime_destroy(rpcplugin_runtime *rt) {
   }
   free_app_routes(rt->host_apps);
   rp_callset_destroy(&rt->host_calls);
+  for (i = 0; i < rt->ndesc; i++) free(rt->desc[i]);
+  free(rt->desc);
+  free(rt->desc_len);
+  free(rt->tls_cert);
+  free(rt->tls_key);
+  free(rt->tls_peer);
   grpc_completion_queue_destroy(rt->cq);
   pthread_cond_destroy(&rt->cv);
   pthread_mutex_destroy(&rt->mu);

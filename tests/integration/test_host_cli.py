@@ -89,6 +89,21 @@ def test_magic_cookie(env):
         "which will\nload any plugins automatically\n")
 
 
+@pytest.mark.parametrize("env,ok", [({}, False), ({COOKIE_KEY: ""}, False),
+                                    ({COOKIE_KEY: "any-fresh-value"}, True)],
+                         ids=["missing", "empty", "set"])
+def test_magic_cookie_key_only(env, ok):
+    """--magic-cookie KEY: any non-empty value (CrowdSec's fresh UUIDs)."""
+    r = run_host(["--magic-cookie", COOKIE_KEY, "--app-version", "1",
+                  DEFAULT_MANIFEST, "--", "/bin/true"], env, cookie=False)
+    if ok:
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(b"1|1|unix|")
+    else:
+        assert r.returncode == 1
+        assert b"This binary is a plugin" in r.stderr
+
+
 @pytest.mark.parametrize("client,served,expect", [
     ("1", "1", 1),
     ("1,2,3", "2,4", 2),      # the highest common version
@@ -126,7 +141,7 @@ def test_usage_and_version():
         ([], b"missing MANIFEST"),
         (["--network=udp", DEFAULT_MANIFEST], b"--network"),
         (["--bogus", DEFAULT_MANIFEST], b"unknown"),
-        (["--magic-cookie", "novalue", DEFAULT_MANIFEST], b"KEY=VALUE"),
+        (["--magic-cookie", "=novalue", DEFAULT_MANIFEST], b"KEY=VALUE"),
         (["--app-version", "a", DEFAULT_MANIFEST], b"--app-version"),
         ([DEFAULT_MANIFEST, "extra"], b"after MANIFEST"),
         ([DEFAULT_MANIFEST, "--"], b"COMMAND"),

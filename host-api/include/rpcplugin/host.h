@@ -136,6 +136,13 @@ typedef struct rpcplugin_runtime_options {
    * whose reply it had received but not read.  (Added in librpcplugin 0.2;
    * a smaller struct_size means the default.) */
   int close_grace_ms;
+  /* With go-plugin's AutoMTLS: the listener's certificate and key and the
+   * client's certificate (PEM), passed to modules (rpcplugin_host_api
+   * tls_*) for the connections the plugin makes to the client.  NULL
+   * without TLS; copied.  (Added in 0.2.) */
+  const char *tls_cert_pem;
+  const char *tls_key_pem;
+  const char *tls_peer_cert_pem;
 } rpcplugin_runtime_options;
 
 #define RPCPLUGIN_CLOSE_GRACE_MS 1000
@@ -159,6 +166,12 @@ int rpcplugin_runtime_add_method(rpcplugin_runtime *rt, const char *path,
  * grpc_server_start.  At shutdown the calls still unfinished are cancelled
  * (on_cancel runs) and the runtime waits up to 5 s for the handlers to
  * finish them.  (Added in 0.2.) */
+/* Describe the host's own services for server reflection: a serialized
+ * google.protobuf.FileDescriptorSet (copied).  (Added in 0.2.) */
+int rpcplugin_runtime_add_descriptors(rpcplugin_runtime *rt,
+                                      const void *descriptor_set, size_t len,
+                                      rpcplugin_error *err);
+
 int rpcplugin_runtime_add_call_method(rpcplugin_runtime *rt, const char *path,
                                       int kind,
                                       rpcplugin_method_handler handler,
@@ -225,6 +238,9 @@ const rpcplugin_module_api *rpcplugin_module_api_of(
 void *rpcplugin_module_instance(const rpcplugin_module *mod);
 /* Resolved path of the loaded file. */
 const char *rpcplugin_module_path(const rpcplugin_module *mod);
+/* The infrastructure services its manifest named (enum rpcplugin_service
+ * bits; 0 for an application module).  (Added in 0.2.) */
+unsigned rpcplugin_module_services_of(const rpcplugin_module *mod);
 
 /* Convenience wrappers; RPCPLUGIN_EUNSUPPORTED when the module lacks the
  * entry. */

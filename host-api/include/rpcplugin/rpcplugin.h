@@ -337,6 +337,47 @@ typedef struct rpcplugin_host_api {
   int (*add_call_method)(void *host_ctx, const char *path, int kind,
                          rpcplugin_method_handler handler, void *handler_ctx,
                          char *err, size_t errlen);
+
+  /* ABI 1.1.  With go-plugin's AutoMTLS, the TLS of the plugin's listener,
+   * as PEM: its certificate and key, and the client's certificate, the only
+   * one to trust.  Connections the plugin makes to the client (broker
+   * subchannels and dials) present tls_cert_pem, trust only
+   * tls_peer_cert_pem and expect the server name "localhost".  All three
+   * NULL without AutoMTLS.  Valid until the module's destroy returns. */
+  const char *tls_cert_pem;
+  const char *tls_key_pem;
+  const char *tls_peer_cert_pem;
+
+  /* ABI 1.1.  Describe the module's services for server reflection: one or
+   * more serialized google.protobuf.FileDescriptorProto, as a serialized
+   * google.protobuf.FileDescriptorSet (protoc --descriptor_set_out
+   * --include_imports).  Control thread, during register_services.  The
+   * bytes are copied.  May be NULL (no reflection in this host). */
+  int (*add_descriptors)(void *host_ctx, const void *descriptor_set,
+                         size_t len, char *err, size_t errlen);
+
+  /* ABI 1.1.  go-plugin's GRPCBroker.Dial for an application module: wait
+   * up to timeout_ms (< 0: until shutdown) for the client's advertisement
+   * of service_id on the infrastructure module's broker, and open a
+   * channel to it (TLS as above under AutoMTLS).  Any thread but a
+   * poller (RPCPLUGIN_EWRONGTHREAD).  The channel is the caller's: release
+   * it with broker_release, before the module's shutdown returns.  May be
+   * NULL (RPCPLUGIN_HOST_HAS), and fails with RPCPLUGIN_EUNSUPPORTED when no
+   * loaded module serves plugin.GRPCBroker. */
+  int (*broker_dial)(void *host_ctx, uint32_t service_id, int timeout_ms,
+                     grpc_channel **out, char *err, size_t errlen);
+  void (*broker_release)(void *host_ctx, grpc_channel *channel);
+
+  /* ABI 1.1.  One unary call on a channel (from broker_dial, or the
+   * module's own), blocking: any thread but a poller
+   * (RPCPLUGIN_EWRONGTHREAD).  method is "/package.Service/Method".  The
+   * reply goes to resp (resp_cap bytes; RPCPLUGIN_ETOOBIG when larger) and
+   * its length to *resp_len.  A status other than OK is RPCPLUGIN_EGRPC
+   * with "status N: message" in err.  timeout_ms <= 0: no deadline. */
+  int (*unary_call)(void *host_ctx, grpc_channel *channel, const char *method,
+                    const void *req, size_t req_len, int timeout_ms,
+                    void *resp, size_t resp_cap, size_t *resp_len, char *err,
+                    size_t errlen);
 } rpcplugin_host_api;
 
 /* --------------------------------------------------------------- stats */
