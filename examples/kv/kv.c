@@ -1,0 +1,277 @@
+/*
+ * kv.c - go-plugin's KV example (examples/grpc) as an rpcplugin
+ * application module: service proto.KV, Put writes the value to the file
+ * kv_<key> in the working directory, Get reads it back.  Served by
+ *
+ *   rpcplugin-host --magic-cookie BASIC_PLUGIN=hello kv.json
+ *
+ * which is then a complete go-plugin plugin: the infrastructure services
+ * (health, stdio, broker, controller) come from the manifest named by
+ * kv.json's "infrastructure".  Messages are encoded with protobuf-c
+ * (kv.pb-c.c, generated from kv.proto at build time).
+ *
+ * Handlers run on the host's poller threads and must not block, so the
+ * file I/O goes to a worker thread, which answers the call when it is done.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <rpcplugin/rpcplugin.h>
+
+#include "kv.pb-c.h"
+
+#define SUFFIX "\n\nWritten from plugin-c (rpcplugin)"
+
+enum { OP_GET, OP_PUT };
+
+typedef struct job {
+  int op;
+  rpcplugin_call *call;
+  ProtobufCMessage *req;
+  struct job *next;
+} job;
+
+typedef struct kv {
+  rpcplugin_host_api host;
+  pthread_t worker;
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  job *head, **tail;
+  int stopping;
+} kv;
+
+/* ------------------------------------------------------- the store */
+
+/* A key names a file of the working directory, nothing else. */
+static int key_ok(const char *key) {
+  return key[0] != '\0' && strchr(key, '/') == NULL && strcmp(key, ".") &&
+         strcmp(key, "..");
+}
+
+static void reply(rpcplugin_call *call, const ProtobufCMessage *msg) {
+  size_t n = protobuf_c_message_get_packed_size(msg);
+  uint8_t *buf = malloc(n ? n : 1);
+  if (buf == NULL) {
+    rpcplugin_call_finish(call, 8 /* RESOURCE_EXHAUSTED */, "out of memory");
+    return;
+  }
+  protobuf_c_message_pack(msg, buf);
+  rpcplugin_call_send(call, buf, n);
+  free(buf);
+  rpcplugin_call_finish(call, 0, NULL);
+}
+
+static void do_put(rpcplugin_call *call, const Proto__PutRequest *req) {
+  char path[4096], msg[4200];
+  FILE *f;
+  Proto__Empty empty = PROTO__EMPTY__INIT;
+  snprintf(path, sizeof path, "kv_%s", req->key);
+  f = fopen(path, "wb");
+  if (f == NULL || fwrite(req->value.data, 1, req->value.len, f) !=
+                       req->value.len ||
+      fputs(SUFFIX, f) == EOF || fclose(f) != 0) {
+    snprintf(msg, sizeof msg, "open %s: %s", path, strerror(errno));
+    if (f) fclose(f);
+    rpcplugin_call_finish(call, 2 /* UNKNOWN, as the Go plugin's error */,
+                          msg);
+    return;
+  }
+  reply(call, &empty.base);
+}
+
+static void do_get(rpcplugin_call *call, const Proto__GetRequest *req) {
+  char path[4096], msg[4200];
+  Proto__GetResponse resp = PROTO__GET_RESPONSE__INIT;
+  uint8_t *data = NULL;
+  size_t len = 0, cap = 0;
+  FILE *f;
+  snprintf(path, sizeof path, "kv_%s", req->key);
+  if ((f = fopen(path, "rb")) == NULL) {
+    snprintf(msg, sizeof msg, "open %s: %s", path, strerror(errno));
+    rpcplugin_call_finish(call, 2, msg);
+    return;
+  }
+  for (;;) {
+    size_t n;
+    if (len == cap) {
+      uint8_t *more = realloc(data, cap = cap ? 2 * cap : 4096);
+      if (more == NULL) break;
+      data = more;
+    }
+    n = fread(data + len, 1, cap - len, f);
+    len += n;
+    if (n == 0) break;
+  }
+  fclose(f);
+  resp.value.data = data;
+  resp.value.len = len;
+  reply(call, &resp.base);
+  free(data);
+}
+
+/* ------------------------------------------------------ the worker */
+
+static void *worker(void *arg) {
+  kv *k = arg;
+  for (;;) {
+    job *j;
+    pthread_mutex_lock(&k->mu);
+    while (k->head == NULL && !k->stopping) pthread_cond_wait(&k->cv, &k->mu);
+    j = k->head;
+    if (j) {
+      k->head = j->next;
+      if (k->head == NULL) k->tail = &k->head;
+    }
+    pthread_mutex_unlock(&k->mu);
+    if (j == NULL) return NULL; /* stopping, and nothing left */
+    if (j->op == OP_PUT)
+      do_put(j->call, (const Proto__PutRequest *)j->req);
+    else
+      do_get(j->call, (const Proto__GetRequest *)j->req);
+    protobuf_c_message_free_unpacked(j->req, NULL);
+    free(j);
+  }
+}
+
+/* --------------------------------------------------------- handlers */
+
+static void enqueue(kv *k, int op, const ProtobufCMessageDescriptor *desc,
+                    rpcplugin_call *call) {
+  size_t len;
+  const uint8_t *data = rpcplugin_call_request(call, &len);
+  ProtobufCMessage *req = protobuf_c_message_unpack(desc, NULL, len, data);
+  const char *key;
+  job *j;
+  if (req == NULL) {
+    rpcplugin_call_finish(call, 3 /* INVALID_ARGUMENT */, "bad request");
+    return;
+  }
+  key = op == OP_PUT ? ((Proto__PutRequest *)req)->key
+                     : ((Proto__GetRequest *)req)->key;
+  if (!key_ok(key)) {
+    protobuf_c_message_free_unpacked(req, NULL);
+    rpcplugin_call_finish(call, 3, "a key names a file: no '/', not empty");
+    return;
+  }
+  if ((j = calloc(1, sizeof *j)) == NULL) {
+    protobuf_c_message_free_unpacked(req, NULL);
+    rpcplugin_call_finish(call, 8, "out of memory");
+    return;
+  }
+  j->op = op;
+  j->call = call;
+  j->req = req;
+  pthread_mutex_lock(&k->mu);
+  *k->tail = j;
+  k->tail = &j->next;
+  pthread_cond_signal(&k->cv);
+  pthread_mutex_unlock(&k->mu);
+}
+
+static void on_get(void *ctx, rpcplugin_call *call) {
+  enqueue(ctx, OP_GET, &proto__get_request__descriptor, call);
+}
+
+static void on_put(void *ctx, rpcplugin_call *call) {
+  enqueue(ctx, OP_PUT, &proto__put_request__descriptor, call);
+}
+
+/* ----------------------------------------------------------- module */
+
+static int kv_init(const rpcplugin_host_api *host, const char *config_json,
+                   void **out, char *err, size_t errlen) {
+  kv *k;
+  (void)config_json; /* no settings */
+  if (!RPCPLUGIN_HOST_HAS(host, add_call_method)) {
+    snprintf(err, errlen, "this host has no application calls (ABI 1.1)");
+    return RPCPLUGIN_EUNSUPPORTED;
+  }
+  if ((k = calloc(1, sizeof *k)) == NULL) return RPCPLUGIN_ENOMEM;
+  memcpy(&k->host, host,
+         host->struct_size < sizeof k->host ? host->struct_size
+                                            : sizeof k->host);
+  pthread_mutex_init(&k->mu, NULL);
+  pthread_cond_init(&k->cv, NULL);
+  k->tail = &k->head;
+  if (pthread_create(&k->worker, NULL, worker, k) != 0) {
+    free(k);
+    return RPCPLUGIN_ENOMEM;
+  }
+  *out = k;
+  return 0;
+}
+
+static int kv_register(void *inst, const char *const *services, size_t n,
+                       char *err, size_t errlen) {
+  kv *k = inst;
+  int rc;
+  if (n != 1 || strcmp(services[0], "proto.KV") != 0) {
+    snprintf(err, errlen, "this module serves \"proto.KV\" only");
+    return RPCPLUGIN_EINVAL;
+  }
+  rc = k->host.add_call_method(k->host.host_ctx, "/proto.KV/Get",
+                               RPCPLUGIN_UNARY, on_get, k, err, errlen);
+  if (rc == 0)
+    rc = k->host.add_call_method(k->host.host_ctx, "/proto.KV/Put",
+                                 RPCPLUGIN_UNARY, on_put, k, err, errlen);
+  return rc;
+}
+
+static int kv_start(void *inst) {
+  (void)inst;
+  return 0;
+}
+
+/* The worker answers what is queued (calls cancelled by the shutdown
+ * only let go), then stops. */
+static int kv_shutdown(void *inst) {
+  kv *k = inst;
+  pthread_mutex_lock(&k->mu);
+  k->stopping = 1;
+  pthread_cond_signal(&k->cv);
+  pthread_mutex_unlock(&k->mu);
+  pthread_join(k->worker, NULL);
+  return 0;
+}
+
+static void kv_destroy(void *inst) {
+  kv *k = inst;
+  pthread_cond_destroy(&k->cv);
+  pthread_mutex_destroy(&k->mu);
+  free(k);
+}
+
+static int kv_put_line(void *inst, int ch, const void *data, size_t len) {
+  (void)inst, (void)ch, (void)data, (void)len;
+  return RPCPLUGIN_EUNSUPPORTED; /* the infrastructure module's job */
+}
+
+static int kv_get_stats(void *inst, rpcplugin_stats *out) {
+  (void)inst, (void)out;
+  return RPCPLUGIN_EUNSUPPORTED;
+}
+
+static const rpcplugin_module_api kv_api = {
+    .magic = RPCPLUGIN_MODULE_MAGIC,
+    .abi_major = RPCPLUGIN_ABI_MAJOR,
+    .abi_minor = RPCPLUGIN_ABI_MINOR,
+    .struct_size = sizeof(rpcplugin_module_api),
+    .abi_tag = RPCPLUGIN_ABI_TAG,
+    .name = "kv",
+    .version = "1.0",
+    .init = kv_init,
+    .register_services = kv_register,
+    .start = kv_start,
+    .put_line = kv_put_line,
+    .shutdown = kv_shutdown,
+    .destroy = kv_destroy,
+    .get_stats = kv_get_stats,
+};
+
+__attribute__((visibility("default"))) const rpcplugin_module_api *
+rpcplugin_module_entry(void) {
+  return &kv_api;
+}
