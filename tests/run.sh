@@ -34,6 +34,9 @@ pytest_run() { # pytest_run BUILD_DIR [pytest args...]
 
 stage "dependencies"
 scripts/install-deps.sh test
+# Debian's crowdsec, a real go-plugin host, for examples/crowdsec-notifier
+# (installed offline-safely: see tests/crowdsec/README.md).
+tests/crowdsec/setup.sh
 # Tests run a client as user nobody (PLUGIN_UNIX_SOCKET_GROUP), which must
 # be able to search / to reach anything; a root made by debootstrap in a
 # `mktemp -d` folder has / at mode 0700.
