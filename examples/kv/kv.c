@@ -14,7 +14,6 @@
  * file I/O goes to a worker thread, which answers the call when it is done.
  */
 #include <errno.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,25 +21,22 @@
 #include <rpcplugin/rpcplugin.h>
 
 #include "kv.pb-c.h"
+#include "worker.h"
 
 #define SUFFIX "\n\nWritten from plugin-c (rpcplugin)"
 
 enum { OP_GET, OP_PUT };
 
 typedef struct job {
+  ex_job base; /* first */
   int op;
   rpcplugin_call *call;
   ProtobufCMessage *req;
-  struct job *next;
 } job;
 
 typedef struct kv {
   rpcplugin_host_api host;
-  pthread_t worker;
-  pthread_mutex_t mu;
-  pthread_cond_t cv;
-  job *head, **tail;
-  int stopping;
+  ex_worker worker;
 } kv;
 
 /* ------------------------------------------------------- the store */
@@ -112,28 +108,15 @@ static void do_get(rpcplugin_call *call, const Proto__GetRequest *req) {
   free(data);
 }
 
-/* ------------------------------------------------------ the worker */
-
-static void *worker(void *arg) {
-  kv *k = arg;
-  for (;;) {
-    job *j;
-    pthread_mutex_lock(&k->mu);
-    while (k->head == NULL && !k->stopping) pthread_cond_wait(&k->cv, &k->mu);
-    j = k->head;
-    if (j) {
-      k->head = j->next;
-      if (k->head == NULL) k->tail = &k->head;
-    }
-    pthread_mutex_unlock(&k->mu);
-    if (j == NULL) return NULL; /* stopping, and nothing left */
-    if (j->op == OP_PUT)
-      do_put(j->call, (const Proto__PutRequest *)j->req);
-    else
-      do_get(j->call, (const Proto__GetRequest *)j->req);
-    protobuf_c_message_free_unpacked(j->req, NULL);
-    free(j);
-  }
+/* On the worker thread. */
+static void run(ex_job *base) {
+  job *j = (job *)base;
+  if (j->op == OP_PUT)
+    do_put(j->call, (const Proto__PutRequest *)j->req);
+  else
+    do_get(j->call, (const Proto__GetRequest *)j->req);
+  protobuf_c_message_free_unpacked(j->req, NULL);
+  free(j);
 }
 
 /* --------------------------------------------------------- handlers */
@@ -161,14 +144,11 @@ static void enqueue(kv *k, int op, const ProtobufCMessageDescriptor *desc,
     rpcplugin_call_finish(call, 8, "out of memory");
     return;
   }
+  j->base.run = run;
   j->op = op;
   j->call = call;
   j->req = req;
-  pthread_mutex_lock(&k->mu);
-  *k->tail = j;
-  k->tail = &j->next;
-  pthread_cond_signal(&k->cv);
-  pthread_mutex_unlock(&k->mu);
+  ex_worker_submit(&k->worker, &j->base);
 }
 
 static void on_get(void *ctx, rpcplugin_call *call) {
@@ -193,10 +173,7 @@ static int kv_init(const rpcplugin_host_api *host, const char *config_json,
   memcpy(&k->host, host,
          host->struct_size < sizeof k->host ? host->struct_size
                                             : sizeof k->host);
-  pthread_mutex_init(&k->mu, NULL);
-  pthread_cond_init(&k->cv, NULL);
-  k->tail = &k->head;
-  if (pthread_create(&k->worker, NULL, worker, k) != 0) {
+  if (ex_worker_start(&k->worker) != 0) {
     free(k);
     return RPCPLUGIN_ENOMEM;
   }
@@ -229,20 +206,11 @@ static int kv_start(void *inst) {
  * only let go), then stops. */
 static int kv_shutdown(void *inst) {
   kv *k = inst;
-  pthread_mutex_lock(&k->mu);
-  k->stopping = 1;
-  pthread_cond_signal(&k->cv);
-  pthread_mutex_unlock(&k->mu);
-  pthread_join(k->worker, NULL);
+  ex_worker_stop(&k->worker);
   return 0;
 }
 
-static void kv_destroy(void *inst) {
-  kv *k = inst;
-  pthread_cond_destroy(&k->cv);
-  pthread_mutex_destroy(&k->mu);
-  free(k);
-}
+static void kv_destroy(void *inst) { free(inst); }
 
 static int kv_put_line(void *inst, int ch, const void *data, size_t len) {
   (void)inst, (void)ch, (void)data, (void)len;

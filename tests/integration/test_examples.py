@@ -99,3 +99,55 @@ def test_kv_same_behaviour_as_go_plugin(workdir):
     rgo, rc = gpkv(workdir, go, "get", "nope"), gpkv(workdir, c, "get", "nope")
     assert rgo.returncode == rc.returncode == 1
     assert b"code = Unknown" in rgo.stderr and b"code = Unknown" in rc.stderr
+
+
+# ------------------------------------------------------- bidirectional
+
+COUNTER_MANIFEST = os.path.join(BUILD, "examples", "bidirectional",
+                                "bidirectional.json")
+
+
+def counter_plugin(network="unix"):
+    return "%s --magic-cookie BASIC_PLUGIN=hello --network %s %s" % (
+        HOST_BIN, network, COUNTER_MANIFEST)
+
+
+def gpcounter(workdir, plugin, *args, automtls=False):
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("PLUGIN_")}
+    env["TMPDIR"] = workdir
+    env["PLUGIN_MIN_PORT"] = "10000"
+    env["PLUGIN_MAX_PORT"] = "25000"
+    argv = [os.path.join(GO_BIN, "gpcounter"), "--timeout",
+            "%ds" % (10 * SLOW), "--plugin", plugin] + \
+        (["--automtls"] if automtls else []) + list(args)
+    return subprocess.run(argv, cwd=workdir, env=env, capture_output=True,
+                          timeout=60 * SLOW)
+
+
+@pytest.mark.parametrize("automtls", [False, True], ids=["plain", "automtls"])
+@pytest.mark.parametrize("network", ["unix", "tcp"])
+def test_counter_calls_client_back_through_broker(workdir, network, automtls):
+    """Each Put: the plugin dials the client's AddHelper (go-plugin's
+    broker, TLS under AutoMTLS) and stores Sum(stored, value)."""
+    p = counter_plugin(network)
+    for v in (1, 41, -50):
+        r = gpcounter(workdir, p, "put", "c", str(v), automtls=automtls)
+        assert r.returncode == 0, r.stderr
+    with open(os.path.join(workdir, "kv_c")) as f:
+        assert f.read() == '{"Value":-8}'
+    r = gpcounter(workdir, p, "get", "c", automtls=automtls)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"-8\n"
+    assert sorted(os.listdir(workdir)) == ["kv_c"]
+
+
+def test_counter_same_store_as_go_plugin(workdir):
+    go = os.path.join(GO_BIN, "gpcounterplugin")
+    c = counter_plugin()
+    assert gpcounter(workdir, go, "put", "k", "40").returncode == 0
+    assert gpcounter(workdir, c, "put", "k", "2").returncode == 0
+    assert gpcounter(workdir, go, "get", "k").stdout == b"42\n"
+    r = gpcounter(workdir, c, "get", "missing")
+    assert r.returncode == 1
+    assert b"code = Unknown desc = open kv_missing" in r.stderr
