@@ -42,6 +42,7 @@ typedef struct app_call {
 
   send_item *head, *tail;
   size_t queued; /* bytes in the queue, the one being sent included */
+  size_t refused; /* the size send last refused (RPCPLUGIN_ELIMIT) */
   int sending;
   int finish_called; /* the handler let go */
   int finish_pending; /* status goes out after the queue */
@@ -59,6 +60,17 @@ typedef struct app_call {
 } app_call;
 
 static app_call *of(rpcplugin_call *pub) { return (app_call *)pub; }
+
+/* Room for the message send last refused, and at least half the queue (so
+ * that a stream of small messages is not woken per message); always when
+ * the queue is empty or the call ended.  a.mu held. */
+static int writable(const app_call *a) {
+  size_t want = a->refused > RPCPLUGIN_CALL_SEND_QUEUE_BYTES / 2
+                    ? a->refused
+                    : RPCPLUGIN_CALL_SEND_QUEUE_BYTES / 2;
+  return a->ended || a->queued == 0 ||
+         a->queued + want <= RPCPLUGIN_CALL_SEND_QUEUE_BYTES;
+}
 
 /* ------------------------------------------------------------ sending */
 
@@ -122,8 +134,7 @@ static void send_done(rp_call *c, int ok) {
     drop_queue(a);
   }
   pump(a);
-  if (a->on_writable && (a->ended || a->queued <=
-                                         RPCPLUGIN_CALL_SEND_QUEUE_BYTES / 2)) {
+  if (a->on_writable && writable(a)) {
     wcb = a->on_writable;
     wud = a->on_writable_ud;
     a->on_writable = NULL;
@@ -275,6 +286,7 @@ static int op_send(rpcplugin_call *pub, const void *data, size_t len) {
     rc = RPCPLUGIN_ESHUTDOWN;
   } else if (a->queued > 0 &&
              a->queued + len > RPCPLUGIN_CALL_SEND_QUEUE_BYTES) {
+    a->refused = len; /* on_writable waits until this one fits */
     rc = RPCPLUGIN_ELIMIT;
   } else if ((it = calloc(1, sizeof *it)) == NULL) {
     rc = RPCPLUGIN_ENOMEM;
@@ -289,6 +301,7 @@ static int op_send(rpcplugin_call *pub, const void *data, size_t len) {
       a->head = it;
     a->tail = it;
     a->queued += len;
+    a->refused = 0;
     pump(a);
   }
   pthread_mutex_unlock(&a->mu);
@@ -301,7 +314,7 @@ static int op_on_writable(rpcplugin_call *pub, rpcplugin_call_cb cb,
   int now;
   if (cb == NULL) return RPCPLUGIN_EINVAL;
   pthread_mutex_lock(&a->mu);
-  now = a->ended || a->queued <= RPCPLUGIN_CALL_SEND_QUEUE_BYTES / 2;
+  now = writable(a);
   if (!now) {
     a->on_writable = cb;
     a->on_writable_ud = ud;

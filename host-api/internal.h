@@ -44,6 +44,17 @@ int rp_unary_call(grpc_channel *channel, const char *method, const void *req,
 size_t rp_runtime_descriptor_sets(rpcplugin_runtime *rt,
                                   const void *const **sets,
                                   const size_t **lens);
+/* The i-th of them, read under the runtime's lock (a later add may move
+ * the lists rp_runtime_descriptor_sets returns); 0 past the last.  The
+ * bytes stay valid until rpcplugin_runtime_destroy. */
+int rp_runtime_descriptor_set_at(rpcplugin_runtime *rt, size_t i,
+                                 const void **set, size_t *len);
+/* reflection.c: fn(ud, "/pkg.Service/Method") for every method routed now
+ * (a handler bound), under the runtime's lock: fn must not call into the
+ * runtime. */
+void rp_runtime_each_routed(rpcplugin_runtime *rt,
+                            void (*fn)(void *ud, const char *path),
+                            void *ud);
 /* call.c: a new application call; the handler owns it. */
 struct rp_callset;
 void rp_app_call_start(struct rp_callset *set, const char *method,

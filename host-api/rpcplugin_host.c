@@ -107,6 +107,7 @@ static struct {
   size_t nmodule_paths;
   int exit_on_sigint;
   int full_teardown;
+  int no_reflection; /* --no-reflection */
   int log_level;
   gid_t sock_gid; /* PLUGIN_UNIX_SOCKET_GROUP */
   int has_sock_gid;
@@ -204,6 +205,8 @@ static void usage(FILE *f) {
 "  --exit-on-sigint          make SIGINT a graceful exit too (default: ignore\n"
 "                            it, as go-plugin's own plugins do)\n"
 "  --ignore-sigint           ignore SIGINT (the default; kept for scripts)\n"
+"  --no-reflection           do not serve gRPC server reflection\n"
+"                            (grpc.reflection.v1alpha, served by default)\n"
 "  --full-teardown           before exiting, also unload the module, destroy\n"
 "                            the server and shut gRPC down (for leak checkers;\n"
 "                            by default the host exits once everything was\n"
@@ -271,7 +274,8 @@ static int parse_args(int argc, char **argv) {
     O_MODPATH,
     O_NOSIGINT,
     O_SIGINT,
-    O_TEARDOWN
+    O_TEARDOWN,
+    O_NOREFL
   };
   static const struct option longopts[] = {
       {"magic-cookie", required_argument, NULL, O_COOKIE},
@@ -284,6 +288,7 @@ static int parse_args(int argc, char **argv) {
       {"ignore-sigint", no_argument, NULL, O_NOSIGINT},
       {"exit-on-sigint", no_argument, NULL, O_SIGINT},
       {"full-teardown", no_argument, NULL, O_TEARDOWN},
+      {"no-reflection", no_argument, NULL, O_NOREFL},
       {"verbose", no_argument, NULL, 'v'},
       {"help", no_argument, NULL, 'h'},
       {"version", no_argument, NULL, 'V'},
@@ -361,6 +366,9 @@ static int parse_args(int argc, char **argv) {
         break;
       case O_TEARDOWN:
         H.full_teardown = 1;
+        break;
+      case O_NOREFL:
+        H.no_reflection = 1;
         break;
       case 'v':
         if (H.log_level < RPCPLUGIN_LOG_DEBUG) H.log_level++;
@@ -1087,6 +1095,14 @@ int main(int argc, char **argv) {
   ro.log = on_log;
   ro.log_level = H.log_level;
   ro.poll_threads = 1;
+  if (cert.cert_pem) {
+    /* AutoMTLS: connections the plugin makes to the client (broker
+     * subchannels and dials) present our certificate and trust only the
+     * client's (the runtime copies them). */
+    ro.tls_cert_pem = cert.cert_pem;
+    ro.tls_key_pem = cert.key_pem;
+    ro.tls_peer_cert_pem = client_pem;
+  }
   setup_search_path();
   memset(&lo, 0, sizeof lo);
   lo.struct_size = sizeof lo;
@@ -1094,6 +1110,13 @@ int main(int argc, char **argv) {
   if (rpcplugin_runtime_create(&ro, &rt, &err) != 0 ||
       rpcplugin_module_load(rt, manifest, &lo, &H.mod, &err) != 0 ||
       (app && rpcplugin_module_load(rt, app, &lo, &app_mod, &err) != 0)) {
+    early("%s", err.message);
+    goto fail;
+  }
+  /* Server reflection (grpcurl-style tools), as go-plugin's servers have
+   * it; registered before grpc_server_start. */
+  if (!H.no_reflection &&
+      rpcplugin_runtime_enable_reflection(rt, &err) != 0) {
     early("%s", err.message);
     goto fail;
   }

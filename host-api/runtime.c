@@ -45,6 +45,10 @@
 /* At the drain: unread bytes that did not change for this long mean that
  * nobody reads them (an idle C-core client never reads the GOAWAY). */
 #define RT_STALL_MS 100
+/* ...and nothing unread for this many looks 2 ms apart means they read it
+ * all: not fewer, because the sockets also look empty for a moment while
+ * gRPC waits to write the rest of a long reply. */
+#define RT_QUIET_LOOKS 10
 /* How long handlers may take to finish application calls after they were
  * cancelled at shutdown. */
 #define RT_CALLS_WAIT_MS 5000
@@ -548,6 +552,29 @@ size_t rp_runtime_descriptor_sets(rpcplugin_runtime *rt,
   return n;
 }
 
+int rp_runtime_descriptor_set_at(rpcplugin_runtime *rt, size_t i,
+                                 const void **set, size_t *len) {
+  int found;
+  pthread_mutex_lock(&rt->mu);
+  found = i < rt->ndesc;
+  if (found) {
+    *set = rt->desc[i];
+    *len = rt->desc_len[i];
+  }
+  pthread_mutex_unlock(&rt->mu);
+  return found;
+}
+
+void rp_runtime_each_routed(rpcplugin_runtime *rt,
+                            void (*fn)(void *ud, const char *path),
+                            void *ud) {
+  rt_method *m;
+  pthread_mutex_lock(&rt->mu);
+  for (m = rt->methods; m; m = m->next)
+    if (m->handler) fn(ud, m->path);
+  pthread_mutex_unlock(&rt->mu);
+}
+
 static int host_add_descriptors(void *host_ctx, const void *set, size_t len,
                                 char *errbuf, size_t errlen) {
   rp_binding *b = host_ctx;
@@ -978,7 +1005,7 @@ int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
    * last messages and status, now and then.  So wait until the connections
    * closed (go-plugin clients close right after Shutdown), until no
    * connected socket of the process holds bytes its peer has not read yet
-   * (seen twice 2 ms apart), or until those bytes stopped going down for
+   * (for RT_QUIET_LOOKS looks 2 ms apart), or until those bytes stopped going down for
    * RT_STALL_MS (nobody reads them: a C-core client keeps an idle
    * connection open and never reads the GOAWAY), at most close_grace_ms
    * (a slow client still reading a stream's last window).  Without pollers the shutdown tag comes back only
@@ -992,7 +1019,8 @@ int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
                                      : RPCPLUGIN_CLOSE_GRACE_MS);
     rp_deadline_after_ms(&progress, 0);
     pthread_mutex_lock(&rt->mu);
-    while (!rt->server_down && quiet < 2 && !timed_out && !stalled) {
+    while (!rt->server_down && quiet < RT_QUIET_LOOKS && !timed_out &&
+           !stalled) {
       long unread;
       struct timespec now;
       pthread_mutex_unlock(&rt->mu);
@@ -1016,7 +1044,7 @@ int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
     pthread_mutex_unlock(&rt->mu);
     trace_step(rt, &rt->t_stop,
                rt->server_down ? "connections closed"
-               : quiet >= 2    ? "clients read everything"
+               : quiet >= RT_QUIET_LOOKS ? "clients read everything"
                : stalled       ? "clients stopped reading"
                                : "clients still reading after the grace");
   }

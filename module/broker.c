@@ -31,6 +31,12 @@
  * the stream stops reading until it drains, so HTTP/2 flow control pushes
  * back on the peer.
  *
+ * Subchannels use insecure credentials, or, when the host gives AutoMTLS
+ * material (host API 1.1 tls_*), TLS that presents the plugin's
+ * certificate, trusts only the client's and expects the name "localhost";
+ * a peer that does not pass fails to reach READY like any other failed
+ * connect, and the knock gets an error reply.
+ *
  * Subchannels belong to the broker, not to a stream, and are closed at
  * shutdown.  A channel lent to the host (broker_channel) is destroyed only
  * when it is both closed and returned.
@@ -125,16 +131,17 @@ typedef struct knock_waiter {
   struct knock_waiter *next;
 } knock_waiter;
 
-/* A private subchannel pool: closing one subchannel never disturbs
- * another to the same address, and each has a connection of its own. */
-static grpc_arg channel_arg = {GRPC_ARG_INTEGER,
-                               (char *)"grpc.use_local_subchannel_pool",
-                               {.integer = 1}};
-static const grpc_channel_args channel_args = {1, &channel_arg};
-
 struct rp_broker {
   rp_instance *inst;
-  grpc_channel_credentials *creds; /* insecure, shared by subchannels */
+  /* One set for every subchannel: insecure, or with AutoMTLS TLS that
+   * presents our certificate, trusts only the client's and expects the
+   * name "localhost".  Arguments: a private subchannel pool (closing one
+   * subchannel never disturbs another to the same address, and each has a
+   * connection of its own), and with TLS the target name. */
+  grpc_channel_credentials *creds;
+  int tls;
+  grpc_arg arg[2];
+  grpc_channel_args args;
   pthread_mutex_t mu;
   pthread_cond_t cv; /* CLOCK_MONOTONIC */
   sub *table[NBUCKETS];
@@ -401,7 +408,7 @@ static void watch_done(rpcplugin_tag *t, int ok) {
   sub *s = ((watch_tag *)t)->s;
   rp_broker *b = s->b;
   actions a = {0};
-  char why[384];
+  char why[512];
   pthread_mutex_lock(&b->mu);
   s->watching = 0;
   b->nwatching--;
@@ -414,14 +421,19 @@ static void watch_done(rpcplugin_tag *t, int ok) {
       resolve_waiters(b, s, 1, NULL, &a);
     } else if (!ok) {
       snprintf(why, sizeof why,
-               "subchannel %u: %s %s not ready within %ld ms",
+               "subchannel %u: %s %s not ready within %ld ms%s",
                (unsigned)s->id, s->network, s->address,
-               b->inst->cfg.broker.connect_timeout_ms);
+               b->inst->cfg.broker.connect_timeout_ms,
+               b->tls ? " (TLS: AutoMTLS is on)" : "");
       close_sub(b, s, why, &a);
     } else if (st == GRPC_CHANNEL_TRANSIENT_FAILURE ||
                st == GRPC_CHANNEL_SHUTDOWN) {
-      snprintf(why, sizeof why, "subchannel %u: cannot connect to %s %s",
-               (unsigned)s->id, s->network, s->address);
+      snprintf(why, sizeof why, "subchannel %u: cannot connect to %s %s%s",
+               (unsigned)s->id, s->network, s->address,
+               b->tls ? " with TLS (AutoMTLS is on: the peer must listen "
+                        "and serve TLS with the client's certificate, for "
+                        "localhost)"
+                      : "");
       close_sub(b, s, why, &a);
     } else {
       if (st == GRPC_CHANNEL_IDLE)
@@ -553,7 +565,7 @@ static void open_sub(rp_broker *b, bstream *st, const Plugin__ConnInfo *m,
         s->watch.tag.on_done = watch_done;
         s->watch.s = s;
         s->state = SUB_CONNECTING;
-        s->ch = grpc_channel_create(target, b->creds, &channel_args);
+        s->ch = grpc_channel_create(target, b->creds, &b->args);
         s->deadline = gpr_time_add(
             gpr_now(GPR_CLOCK_MONOTONIC),
             gpr_time_from_millis(cfg->broker.connect_timeout_ms,
@@ -1057,7 +1069,28 @@ static int broker_create(rp_instance *inst, char *err, size_t errlen) {
     return RPCPLUGIN_ENOMEM;
   }
   b->inst = inst;
-  b->creds = grpc_insecure_credentials_create();
+  b->arg[0].type = GRPC_ARG_INTEGER;
+  b->arg[0].key = (char *)GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL;
+  b->arg[0].value.integer = 1;
+  b->args.num_args = 1;
+  b->args.args = b->arg;
+  if (inst->tls_peer) {
+    grpc_ssl_pem_key_cert_pair pair = {inst->tls_key, inst->tls_cert};
+    b->tls = 1;
+    b->creds = grpc_ssl_credentials_create(inst->tls_peer, &pair, NULL, NULL);
+    b->arg[1].type = GRPC_ARG_STRING;
+    b->arg[1].key = (char *)GRPC_SSL_TARGET_NAME_OVERRIDE_ARG;
+    b->arg[1].value.string = (char *)"localhost";
+    b->args.num_args = 2;
+  } else {
+    b->creds = grpc_insecure_credentials_create();
+  }
+  if (b->creds == NULL) {
+    snprintf(err, errlen, "broker: cannot create the %s channel credentials",
+             b->tls ? "TLS" : "insecure");
+    free(b);
+    return RPCPLUGIN_EGRPC;
+  }
   pthread_mutex_init(&b->mu, NULL);
   rp_cond_init_monotonic(&b->cv);
   inst->broker = b;

@@ -23,6 +23,11 @@
 
 #define RP_EXPORT __attribute__((visibility("default")))
 
+/* The descriptor set of the protos in proto/ (rpcplugin_infra_desc.c,
+ * made at build time by CMake's rp_descriptor_set). */
+extern const unsigned char rp_infra_descriptor_set[];
+extern const size_t rp_infra_descriptor_set_len;
+
 static const rp_service *const all_services[RP_NSERVICES] = {
     &rp_broker_service, &rp_stdio_service, &rp_controller_service,
     &rp_health_service};
@@ -66,10 +71,42 @@ static void on_call(void *ctx, grpc_call *call, grpc_byte_buffer *req,
   route->fn(inst, call, req);
 }
 
+static void free_tls(rp_instance *inst) {
+  free(inst->tls_cert);
+  free(inst->tls_key);
+  free(inst->tls_peer);
+  inst->tls_cert = inst->tls_key = inst->tls_peer = NULL;
+}
+
+/* AutoMTLS material of an ABI 1.1 host (struct_size covers the fields and
+ * they are set): all three, or none. */
+static int copy_tls(rp_instance *inst, const rpcplugin_host_api *host,
+                    char *err, size_t errlen) {
+  int have = RPCPLUGIN_HOST_HAS(host, tls_cert_pem) +
+             RPCPLUGIN_HOST_HAS(host, tls_key_pem) +
+             RPCPLUGIN_HOST_HAS(host, tls_peer_cert_pem);
+  if (have == 0) return 0;
+  if (have != 3) {
+    snprintf(err, errlen,
+             "host API gives only part of the TLS material (tls_cert_pem, "
+             "tls_key_pem and tls_peer_cert_pem go together)");
+    return RPCPLUGIN_EINVAL;
+  }
+  inst->tls_cert = strdup(host->tls_cert_pem);
+  inst->tls_key = strdup(host->tls_key_pem);
+  inst->tls_peer = strdup(host->tls_peer_cert_pem);
+  if (!inst->tls_cert || !inst->tls_key || !inst->tls_peer) {
+    snprintf(err, errlen, "out of memory");
+    return RPCPLUGIN_ENOMEM;
+  }
+  return 0;
+}
+
 static int m_init(const rpcplugin_host_api *host, const char *config_json,
                   void **out, char *err, size_t errlen) {
   rp_instance *inst;
   size_t n;
+  int rc;
   if (out == NULL || host == NULL) {
     snprintf(err, errlen, "init: host API and instance pointer needed");
     return RPCPLUGIN_EINVAL;
@@ -101,6 +138,11 @@ static int m_init(const rpcplugin_host_api *host, const char *config_json,
   if (rp_config_parse(config_json, &inst->cfg, err, errlen) != 0) {
     free(inst);
     return RPCPLUGIN_ECONFIG;
+  }
+  if ((rc = copy_tls(inst, host, err, errlen)) != 0) {
+    free_tls(inst);
+    free(inst);
+    return rc;
   }
   pthread_mutex_init(&inst->mu, NULL);
   pthread_cond_init(&inst->cv, NULL);
@@ -154,6 +196,20 @@ static int m_register(void *instance, const char *const *services,
                                  errlen);
       if (rc != 0) return rc;
     }
+  }
+  /* Server reflection (ABI 1.1 hosts): describe the services.  The whole
+   * set goes, whichever services the manifest named: the host lists only
+   * services with routed methods.  Reflection is optional: a failure is
+   * only logged. */
+  if (RPCPLUGIN_HOST_HAS(&inst->host, add_descriptors)) {
+    char derr[256] = "";
+    if (inst->host.add_descriptors(inst->host.host_ctx,
+                                   rp_infra_descriptor_set,
+                                   rp_infra_descriptor_set_len, derr,
+                                   sizeof derr) != 0)
+      rp_log(inst, RPCPLUGIN_LOG_WARN,
+             "rpcplugin: descriptors for server reflection not added: %s",
+             derr);
   }
   inst->state = RP_REGISTERED;
   return 0;
@@ -212,6 +268,7 @@ static void m_destroy(void *instance) {
   rp_callset_destroy(&inst->calls);
   pthread_cond_destroy(&inst->cv);
   pthread_mutex_destroy(&inst->mu);
+  free_tls(inst);
   free(inst);
   grpc_shutdown();
 }

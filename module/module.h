@@ -90,6 +90,10 @@ struct rp_instance {
 
   rp_stdio *stdio;   /* NULL unless plugin.GRPCStdio is enabled */
   rp_broker *broker; /* NULL unless plugin.GRPCBroker is enabled */
+
+  /* AutoMTLS (host API 1.1 tls_*), copied at init: our certificate and
+   * key, and the client's certificate.  All NULL without AutoMTLS. */
+  char *tls_cert, *tls_key, *tls_peer;
 };
 
 void rp_log(rp_instance *inst, int level, const char *fmt, ...)

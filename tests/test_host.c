@@ -28,6 +28,10 @@
  *                          comes later as "BGDONE <reply>"
  *
  * Signals SIGTERM and SIGINT also run the shutdown path.
+ *
+ * With TEST_HOST_TLS_CERT, TEST_HOST_TLS_KEY and TEST_HOST_TLS_PEER (PEM
+ * files) the runtime gets them as AutoMTLS material (the module's broker
+ * subchannels then use TLS); the host's own listener stays plaintext.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -396,7 +400,34 @@ static void *command_thread(void *arg) {
   return NULL;
 }
 
+/* A whole file as a string (NULL when unset or unreadable). */
+static char *read_env_file(const char *var) {
+  const char *path = getenv(var);
+  FILE *f;
+  char *buf;
+  long n;
+  if (path == NULL || *path == '\0') return NULL;
+  f = fopen(path, "rb");
+  if (f == NULL) return NULL;
+  if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 ||
+      fseek(f, 0, SEEK_SET) != 0 || (buf = malloc((size_t)n + 1)) == NULL) {
+    fclose(f);
+    return NULL;
+  }
+  if (fread(buf, 1, (size_t)n, f) != (size_t)n) {
+    free(buf);
+    fclose(f);
+    return NULL;
+  }
+  buf[n] = '\0';
+  fclose(f);
+  return buf;
+}
+
 int main(int argc, char **argv) {
+  char *tls_cert = read_env_file("TEST_HOST_TLS_CERT");
+  char *tls_key = read_env_file("TEST_HOST_TLS_KEY");
+  char *tls_peer = read_env_file("TEST_HOST_TLS_PEER");
   rpcplugin_manifest *m = NULL;
   rpcplugin_runtime *rt = NULL;
   rpcplugin_runtime_options opts;
@@ -444,6 +475,9 @@ int main(int argc, char **argv) {
   opts.on_shutdown = on_shutdown;
   opts.log = on_log;
   opts.log_level = RPCPLUGIN_LOG_INFO;
+  opts.tls_cert_pem = tls_cert;
+  opts.tls_key_pem = tls_key;
+  opts.tls_peer_cert_pem = tls_peer;
   rc = rpcplugin_runtime_create(&opts, &rt, &err);
   if (rc == 0) rc = rpcplugin_module_load(rt, m, NULL, &mod, &err);
   if (rc) {
@@ -476,6 +510,9 @@ int main(int argc, char **argv) {
   sub_stop();
   rpcplugin_manifest_free(m);
   grpc_shutdown_blocking();
+  free(tls_cert);
+  free(tls_key);
+  free(tls_peer);
   say("EXIT 0");
   return 0;
 }

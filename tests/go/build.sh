@@ -1,6 +1,7 @@
 #!/bin/sh
 # Build the Go interop programs (gpclient, gpserver; gpkv, gpkvplugin,
-# gpcounter, gpcounterplugin for go-plugin's examples) into OUTDIR/bin, in
+# gpcounter, gpcounterplugin for go-plugin's examples; gpreflect, a server
+# reflection client) into OUTDIR/bin, in
 # GOPATH mode against Debian's packaged Go libraries (go-plugin v1.0.1 and
 # friends under /usr/share/gocode).  No network, no module proxy.
 # Idempotent: the Go build cache lives in OUTDIR/gocache, so a second run
@@ -69,7 +70,7 @@ export CGO_ENABLED=0
 mkdir -p "$OUT/bin"
 cd "$HERE/src/rpcplugin-interop"
 "$GO" vet ./...
-PROGS="gpclient gpserver gpkv gpkvplugin gpcounter gpcounterplugin"
+PROGS="gpclient gpserver gpkv gpkvplugin gpcounter gpcounterplugin gpreflect"
 for prog in $PROGS; do
   "$GO" build -o "$OUT/bin/$prog.tmp" "./$prog"
   mv -f "$OUT/bin/$prog.tmp" "$OUT/bin/$prog"

@@ -195,3 +195,15 @@ def test_manifest_errors_name_file_and_field(hosts, tmp_path):
     h = hosts(manifest=m, wait_handshake=False)
     assert h.wait() == 1
     assert 'field "services[1]": a manifest names either' in h.stderr()
+
+
+def test_stream_of_messages_larger_than_half_the_queue(echo_host):
+    """700 KiB messages: each is refused while another waits, and
+    on_writable must wait until it fits (not fire at half the queue and
+    refuse it again forever)."""
+    ch = echo_host.channel(options=[("grpc.max_receive_message_length",
+                                     8 << 20)])
+    n, size = 12, 700 * 1024
+    got = [len(m) for m in call(ch, "Stream", "unary_stream")(
+        b"%d %d" % (n, size), timeout=60 * SLOW)]
+    assert got == [size] * n

@@ -177,6 +177,19 @@ int rpcplugin_runtime_add_call_method(rpcplugin_runtime *rt, const char *path,
                                       rpcplugin_method_handler handler,
                                       void *handler_ctx, rpcplugin_error *err);
 
+/* Serve gRPC server reflection, grpc.reflection.v1alpha.ServerReflection
+ * (the version go-plugin registers; grpcurl-style tools list and describe
+ * services with it): routes its ServerReflectionInfo method through the
+ * call API and answers from the descriptors modules added (host API
+ * add_descriptors) and the host added (rpcplugin_runtime_add_descriptors),
+ * plus reflection.proto's own.  list_services names every service with a
+ * method routed at the time of the request; files come with their
+ * transitive imports; an unknown file or symbol gets an error_response
+ * NOT_FOUND.  Before grpc_server_start, once (RPCPLUGIN_EEXIST after).
+ * (Added in 0.2.) */
+int rpcplugin_runtime_enable_reflection(rpcplugin_runtime *rt,
+                                        rpcplugin_error *err);
+
 /* The completion queue the runtime polls; tags must begin with an
  * rpcplugin_tag. */
 grpc_completion_queue *rpcplugin_runtime_cq(rpcplugin_runtime *rt);

@@ -196,7 +196,7 @@ typedef void (*rpcplugin_call_handler)(void *handler_ctx, grpc_call *call,
  * Backpressure: at most RPCPLUGIN_CALL_SEND_QUEUE_BYTES of messages wait
  * per call (a single larger message is accepted when none waits); beyond
  * that send returns RPCPLUGIN_ELIMIT, and an on_writable callback runs once
- * the queue is down to half.  Callbacks run on a poller thread, one at a
+ * the refused message fits and at least half the queue is free.  Callbacks run on a poller thread, one at a
  * time per call, and must not block.
  */
 typedef struct rpcplugin_call rpcplugin_call;
@@ -238,7 +238,8 @@ struct rpcplugin_call_ops {
    * on_writable; RPCPLUGIN_ESHUTDOWN: the call ended; RPCPLUGIN_ESTATE:
    * after finish. */
   int (*send)(rpcplugin_call *call, const void *data, size_t len);
-  /* Run cb once, when the send queue is down to half (at once if it is). */
+  /* Run cb once, when the message send last refused fits and at least
+   * half the queue is free, or the queue is empty (at once if so). */
   int (*on_writable)(rpcplugin_call *call, rpcplugin_call_cb cb, void *ud);
   /* Bytes queued and not yet handed to the transport. */
   size_t (*send_queued)(rpcplugin_call *call);
