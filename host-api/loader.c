@@ -1,5 +1,5 @@
 /*
- * loader.c - find, open, check and start a module (SPEC section 4).
+ * loader.c - find, open, check and start a module (docs/abi.md).
  *
  * Order of checks, each refusing with one exact sentence before anything
  * else of the module runs:

@@ -1,5 +1,5 @@
 /*
- * manifest.c - read and validate a manifest (SPEC section 5).
+ * manifest.c - read and validate a manifest (docs/manifest.md).
  *
  * The manifest is small, so it is read whole and parsed with cJSON.  Every
  * top-level key is checked here; "config" belongs to the module, which
@@ -245,7 +245,7 @@ int rpcplugin_manifest_parse(const char *json, size_t len, const char *origin,
     cJSON_Delete(root);
     return fail(err, origin, msg);
   }
-  /* Required fields, in document order of the SPEC. */
+  /* Required fields, in the documented order (docs/manifest.md). */
   {
     static const char *const required[] = {
         "manifest_version", "name",     "module", "abi_version",

@@ -2,7 +2,7 @@
  * broker.c - plugin.GRPCBroker/StartStream: real subchannels, go-plugin's
  * plain brokering, and the broker entries of the host API.
  *
- * Each received ConnInfo is handled in order (SPEC section 3):
+ * Each received ConnInfo is handled in order (docs/wire.md, the broker table):
  *   knock{knock, !ack}  open subchannel service_id to network/address: a
  *                       gRPC channel that must reach READY within
  *                       connect_timeout_ms; reply knock{knock, ack} or

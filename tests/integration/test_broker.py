@@ -1,4 +1,4 @@
-"""plugin.GRPCBroker/StartStream (SPEC section 3, issue 4), every row of
+"""plugin.GRPCBroker/StartStream (docs/wire.md), every row of
 the table, against Debian's Python grpcio as the peer."""
 import os
 import shutil

@@ -1,5 +1,5 @@
 """Per-manifest integration: every manifest in manifests/ is loaded by the
-test host; enabled services answer as SPEC section 3 says, disabled ones
+test host; enabled services answer as docs/wire.md says, disabled ones
 answer UNIMPLEMENTED, and Shutdown runs the host's callback."""
 import os
 

@@ -1,4 +1,4 @@
-"""plugin.GRPCStdio/StreamStdio and put_line (SPEC section 3, issue 3),
+"""plugin.GRPCStdio/StreamStdio and put_line (docs/wire.md),
 against Debian's Python grpcio as the client."""
 import os
 import threading

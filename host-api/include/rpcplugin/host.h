@@ -56,7 +56,7 @@ const char *rpcplugin_err_name(int code);
 
 typedef struct rpcplugin_manifest rpcplugin_manifest;
 
-/* Service bits, in manifest order of the SPEC. */
+/* Service bits, in the order of docs/manifest.md. */
 enum rpcplugin_service {
   RPCPLUGIN_SVC_BROKER = 1 << 0,     /* plugin.GRPCBroker */
   RPCPLUGIN_SVC_STDIO = 1 << 1,      /* plugin.GRPCStdio */

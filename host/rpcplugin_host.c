@@ -1,5 +1,5 @@
 /*
- * rpcplugin_host.c - rpcplugin-host, the reference host (SPEC section 6):
+ * rpcplugin_host.c - rpcplugin-host, the reference host (README, docs/rpcplugin-host.1):
  * makes a process a go-plugin plugin by serving a manifest's module.
  *
  *   rpcplugin-host [OPTIONS] MANIFEST [-- COMMAND [ARG...]]
@@ -644,7 +644,7 @@ static int pipe_sink(void *ctx, int channel, const void *data, size_t len) {
 
 /*
  * The largest chunk the pipe reader hands to put_line: an eighth of the
- * manifest's config.stdio.queue_bytes (the SPEC's stdio queue bound; the
+ * manifest's config.stdio.queue_bytes (the stdio queue bound; the
  * module's default is 8 MiB), between 256 bytes and 1 MiB.  The drop
  * policies can only keep chunks smaller than the whole queue, and a few
  * chunks in the queue at once keep the stream busy.
