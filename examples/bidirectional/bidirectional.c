@@ -23,6 +23,11 @@
 #include "counter.pb-c.h"
 #include "worker.h"
 
+/* The .proto's descriptor set, made at build time (examples/CMakeLists.txt):
+ * given to the host for server reflection. */
+extern const unsigned char counter_descriptor_set[];
+extern const size_t counter_descriptor_set_len;
+
 #define DIAL_TIMEOUT_MS 5000 /* go-plugin's Dial waits 5 s for the id */
 #define CALL_TIMEOUT_MS 10000
 
@@ -227,6 +232,9 @@ static int c_register(void *inst, const char *const *services, size_t n,
   if (rc == 0)
     rc = c->host.add_call_method(c->host.host_ctx, "/proto.Counter/Put",
                                  RPCPLUGIN_UNARY, on_put, c, err, errlen);
+  if (rc == 0 && RPCPLUGIN_HOST_HAS(&c->host, add_descriptors))
+    rc = c->host.add_descriptors(c->host.host_ctx, counter_descriptor_set,
+                                 counter_descriptor_set_len, err, errlen);
   return rc;
 }
 

@@ -31,6 +31,11 @@
 
 #include "notifier.pb-c.h"
 
+/* The .proto's descriptor set, made at build time (examples/CMakeLists.txt):
+ * given to the host for server reflection. */
+extern const unsigned char notifier_descriptor_set[];
+extern const size_t notifier_descriptor_set_len;
+
 #define MAX_TARGETS 32
 
 typedef struct target {
@@ -194,6 +199,9 @@ static int n_register(void *inst, const char *const *services, size_t count,
     rc = n->host.add_call_method(n->host.host_ctx,
                                  "/proto.Notifier/Configure", RPCPLUGIN_UNARY,
                                  on_configure, n, err, errlen);
+  if (rc == 0 && RPCPLUGIN_HOST_HAS(&n->host, add_descriptors))
+    rc = n->host.add_descriptors(n->host.host_ctx, notifier_descriptor_set,
+                                 notifier_descriptor_set_len, err, errlen);
   return rc;
 }
 

@@ -23,6 +23,11 @@
 #include "kv.pb-c.h"
 #include "worker.h"
 
+/* The .proto's descriptor set, made at build time (examples/CMakeLists.txt):
+ * given to the host for server reflection. */
+extern const unsigned char kv_descriptor_set[];
+extern const size_t kv_descriptor_set_len;
+
 #define SUFFIX "\n\nWritten from plugin-c (rpcplugin)"
 
 enum { OP_GET, OP_PUT };
@@ -194,6 +199,9 @@ static int kv_register(void *inst, const char *const *services, size_t n,
   if (rc == 0)
     rc = k->host.add_call_method(k->host.host_ctx, "/proto.KV/Put",
                                  RPCPLUGIN_UNARY, on_put, k, err, errlen);
+  if (rc == 0 && RPCPLUGIN_HOST_HAS(&k->host, add_descriptors))
+    rc = k->host.add_descriptors(k->host.host_ctx, kv_descriptor_set,
+                                 kv_descriptor_set_len, err, errlen);
   return rc;
 }
 

@@ -151,3 +151,24 @@ def test_counter_same_store_as_go_plugin(workdir):
     r = gpcounter(workdir, c, "get", "missing")
     assert r.returncode == 1
     assert b"code = Unknown desc = open kv_missing" in r.stderr
+
+
+def test_kv_reflection(hosts):
+    """grpc-go's reflection client on a running kv plugin: the application
+    service next to the infrastructure, described from kv.proto."""
+    h = hosts(manifest=KV_MANIFEST)
+    target = h.handshake.target
+    r = subprocess.run([os.path.join(GO_BIN, "gpreflect"), target, "list",
+                        "describe", "proto.KV"], capture_output=True,
+                       text=True, timeout=30 * SLOW)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for svc in ("proto.KV", "plugin.GRPCBroker", "plugin.GRPCStdio",
+                "plugin.GRPCController", "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection"):
+        assert svc in out, out
+    assert "Get(proto.GetRequest) returns (proto.GetResponse)" in out, out
+    assert "Put(proto.PutRequest) returns (proto.Empty)" in out, out
+    print(out)
+    h.shutdown(h.channel())
+    assert h.wait() == 0
