@@ -10,8 +10,12 @@
  * kv.json's "infrastructure".  Messages are encoded with protobuf-c
  * (kv.pb-c.c, generated from kv.proto at build time).
  *
- * Handlers run on the host's poller threads and must not block, so the
- * file I/O goes to a worker thread, which answers the call when it is done.
+ * Handlers run on the host's poller threads and must not block for long.
+ * A Put or Get is one open/write (or read)/close of a small file of the
+ * working directory, quick enough to do right in the handler, as the Go
+ * plugin does in its handler's goroutine; a handler that waits longer
+ * (the network, a lock) hands the call to a thread of its own and answers
+ * from there (examples/bidirectional does).
  */
 #include <errno.h>
 #include <stdio.h>
@@ -21,7 +25,6 @@
 #include <rpcplugin/rpcplugin.h>
 
 #include "kv.pb-c.h"
-#include "worker.h"
 
 /* The .proto's descriptor set, made at build time (examples/CMakeLists.txt):
  * given to the host for server reflection. */
@@ -32,16 +35,8 @@ extern const size_t kv_descriptor_set_len;
 
 enum { OP_GET, OP_PUT };
 
-typedef struct job {
-  ex_job base; /* first */
-  int op;
-  rpcplugin_call *call;
-  ProtobufCMessage *req;
-} job;
-
 typedef struct kv {
   rpcplugin_host_api host;
-  ex_worker worker;
 } kv;
 
 /* ------------------------------------------------------- the store */
@@ -113,55 +108,38 @@ static void do_get(rpcplugin_call *call, const Proto__GetRequest *req) {
   free(data);
 }
 
-/* On the worker thread. */
-static void run(ex_job *base) {
-  job *j = (job *)base;
-  if (j->op == OP_PUT)
-    do_put(j->call, (const Proto__PutRequest *)j->req);
-  else
-    do_get(j->call, (const Proto__GetRequest *)j->req);
-  protobuf_c_message_free_unpacked(j->req, NULL);
-  free(j);
-}
-
 /* --------------------------------------------------------- handlers */
 
-static void enqueue(kv *k, int op, const ProtobufCMessageDescriptor *desc,
-                    rpcplugin_call *call) {
+/* Decode the request, check the key, answer. */
+static void handle(int op, const ProtobufCMessageDescriptor *desc,
+                   rpcplugin_call *call) {
   size_t len;
   const uint8_t *data = rpcplugin_call_request(call, &len);
   ProtobufCMessage *req = protobuf_c_message_unpack(desc, NULL, len, data);
   const char *key;
-  job *j;
   if (req == NULL) {
     rpcplugin_call_finish(call, 3 /* INVALID_ARGUMENT */, "bad request");
     return;
   }
   key = op == OP_PUT ? ((Proto__PutRequest *)req)->key
                      : ((Proto__GetRequest *)req)->key;
-  if (!key_ok(key)) {
-    protobuf_c_message_free_unpacked(req, NULL);
+  if (!key_ok(key))
     rpcplugin_call_finish(call, 3, "a key names a file: no '/', not empty");
-    return;
-  }
-  if ((j = calloc(1, sizeof *j)) == NULL) {
-    protobuf_c_message_free_unpacked(req, NULL);
-    rpcplugin_call_finish(call, 8, "out of memory");
-    return;
-  }
-  j->base.run = run;
-  j->op = op;
-  j->call = call;
-  j->req = req;
-  ex_worker_submit(&k->worker, &j->base);
+  else if (op == OP_PUT)
+    do_put(call, (const Proto__PutRequest *)req);
+  else
+    do_get(call, (const Proto__GetRequest *)req);
+  protobuf_c_message_free_unpacked(req, NULL);
 }
 
 static void on_get(void *ctx, rpcplugin_call *call) {
-  enqueue(ctx, OP_GET, &proto__get_request__descriptor, call);
+  (void)ctx;
+  handle(OP_GET, &proto__get_request__descriptor, call);
 }
 
 static void on_put(void *ctx, rpcplugin_call *call) {
-  enqueue(ctx, OP_PUT, &proto__put_request__descriptor, call);
+  (void)ctx;
+  handle(OP_PUT, &proto__put_request__descriptor, call);
 }
 
 /* ----------------------------------------------------------- module */
@@ -178,10 +156,6 @@ static int kv_init(const rpcplugin_host_api *host, const char *config_json,
   memcpy(&k->host, host,
          host->struct_size < sizeof k->host ? host->struct_size
                                             : sizeof k->host);
-  if (ex_worker_start(&k->worker) != 0) {
-    free(k);
-    return RPCPLUGIN_ENOMEM;
-  }
   *out = k;
   return 0;
 }
@@ -210,11 +184,8 @@ static int kv_start(void *inst) {
   return 0;
 }
 
-/* The worker answers what is queued (calls cancelled by the shutdown
- * only let go), then stops. */
 static int kv_shutdown(void *inst) {
-  kv *k = inst;
-  ex_worker_stop(&k->worker);
+  (void)inst; /* every call is answered in its handler */
   return 0;
 }
 
