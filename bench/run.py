@@ -1195,6 +1195,79 @@ class Bench:
                 print(l[:150])
         print("\nprofiles: %s (callgrind_annotate FILE)" % outdir)
 
+    # ------------------------------------------------------------ W7
+
+    def w7(self):
+        """An application's unary call: go-plugin's KV example, Put of 64
+        bytes, driven by a go-plugin v1.0.1 client (gpkv bench) against
+        rpcplugin-host serving examples/kv and against the Go plugin
+        (gpkvplugin, go-plugin's own server; both write kv_<key> files),
+        interleaved, one and eight concurrent callers."""
+        host = self.find_host()
+        _, gpc, why = self.go_bins()
+        gpkv = os.path.join(os.path.dirname(gpc), "gpkv") if gpc else None
+        kvman = os.path.join(self.build, "examples", "kv", "kv.json")
+        if not (host and gpkv and os.access(gpkv, os.X_OK) and
+                os.path.exists(kvman)):
+            self.row("W7", "kv Put", "skipped",
+                     "skipped: needs rpcplugin-host, examples/kv and gpkv (%s)"
+                     % why)
+            return
+        plugins = (("rpcplugin-host + examples/kv",
+                    "%s --magic-cookie BASIC_PLUGIN=hello %s" % (host, kvman)),
+                   ("go-plugin plugin (gpkvplugin)",
+                    os.path.join(os.path.dirname(gpkv), "gpkvplugin")))
+        n = 500 if self.quick else 5000
+        work = tempfile.mkdtemp(prefix="w7-", dir=self.tmp)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("PLUGIN_")}
+        env["TMPDIR"] = work
+        runs = {(lab, c): [] for lab, _ in plugins for c in (1, 8)}
+        for rep in range(self.reps):
+            for conc in (1, 8):
+                for lab, cmd in plugins:
+                    self.log("W7 rep %d/%d %s, %d callers" % (
+                        rep + 1, self.reps, lab, conc))
+                    p = subprocess.run(
+                        [gpkv, "--timeout", "120s", "--plugin", cmd, "bench",
+                         "--n", str(n), "--concurrency", str(conc),
+                         "--size", "64"], cwd=work, env=env,
+                        capture_output=True, text=True, timeout=600)
+                    if p.returncode != 0:
+                        raise BenchError("gpkv bench against %s: %s" % (
+                            lab, p.stderr.strip()[-300:]))
+                    runs[(lab, conc)].append(json.loads(
+                        p.stdout.strip().splitlines()[-1]))
+        self.results["W7"] = {"runs": {"%s c=%d" % k: v
+                                       for k, v in runs.items()}}
+        for conc in (1, 8):
+            for lab, _ in plugins:
+                rs = runs[(lab, conc)]
+                case = "%s, Put 64 B x%d, %d caller%s" % (
+                    lab, n, conc, "s" if conc > 1 else "")
+                for fig_, key, unit in (("p50", "p50_us", " us"),
+                                        ("p99", "p99_us", " us"),
+                                        ("calls/s", "calls_per_s", "")):
+                    v = [r[key] for r in rs]
+                    self.row("W7", case, fig_, med(v), spread(v), unit=unit)
+        H, G = plugins[0][0], plugins[1][0]
+        for conc in (1, 8):
+            lat = summary([a["p50_us"] / b["p50_us"] for a, b in
+                           zip(runs[(H, conc)], runs[(G, conc)])])
+            thr = summary([a["calls_per_s"] / b["calls_per_s"] for a, b in
+                           zip(runs[(H, conc)], runs[(G, conc)])])
+            self.row("W7", "p50 latency, %d caller(s): rpcplugin / go-plugin"
+                     % conc, "ratio", lat["median"], (lat["min"], lat["max"]),
+                     ratio=True, target="<= 1.00")
+            self.ratios.append(("W7 p50 latency c=%d rpcplugin/go" % conc,
+                                lat["median"], 1.0, False))
+            self.row("W7", "calls/s, %d caller(s): rpcplugin / go-plugin"
+                     % conc, "ratio", thr["median"], (thr["min"], thr["max"]),
+                     ratio=True, target=">= 1.00" if conc == 8 else None)
+            if conc == 8:
+                self.ratios.append(("W7 calls/s c=8 rpcplugin/go",
+                                    thr["median"], 1.0, True))
+
     def run(self):
         started = datetime.datetime.now().astimezone()
         self.results["meta"] = {
@@ -1212,7 +1285,7 @@ class Bench:
         t0 = time.monotonic()
         for w, fn in (("W1", self.w1), ("W4", self.w4), ("W5", self.w5),
                       ("W6", self.w6), ("W2", self.w2), ("W3", self.w3),
-                      ("W3", self.shutdown_rtt)):
+                      ("W3", self.shutdown_rtt), ("W7", self.w7)):
             if not self.wants(w):
                 continue
             try:

@@ -50,7 +50,7 @@ cmake "$BUILD" >/dev/null  # pick up new targets before naming them below
 cmake --build "$BUILD" -j"$JOBS" --target rpcplugin_services rpcplugin \
   rpb_server rpb_client rpb_cycles rpb_lines rpb_shutdown_rtt
 # Optional pieces: their absence only skips (and says so in the table).
-for t in rpb_pystubs rpb_server_cxx rpcplugin-host; do
+for t in rpb_pystubs rpb_server_cxx rpcplugin-host kv; do
   cmake --build "$BUILD" -j"$JOBS" --target "$t" >/dev/null 2>&1 ||
     echo "run.sh: note: target $t not built; what needs it is skipped" >&2
 done

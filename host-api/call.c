@@ -50,6 +50,7 @@ typedef struct app_call {
   int finish_status;
   char *finish_message;
   int reading;
+  int single_reply; /* unary or client streaming: one message, then status */
   int ended;     /* closed, failed or cancelled: nothing more goes out */
   int cancelled; /* ended before the status went out */
 
@@ -79,16 +80,31 @@ static void finish_done(rp_call *c, int ok);
 
 /* Start the finish batch (a.mu held). */
 static void start_finish(app_call *a) {
+  grpc_byte_buffer *last = NULL;
   a->finish_pending = 0;
   a->finish_started = 1;
+  /* A single reply waiting: it goes out with the status, one batch. */
+  if (a->head && a->head->next == NULL && !a->sending) {
+    last = a->head->bb;
+    a->queued -= a->head->len;
+    free(a->head);
+    a->head = a->tail = NULL;
+  }
   if (rp_call_finish(a->c, (grpc_status_code)a->finish_status,
-                     a->finish_message, NULL, 0, finish_done) != 0)
+                     a->finish_message, last, 0, finish_done) != 0)
     a->ended = 1;
 }
 
-/* Start the next send, or the finish after the last (a.mu held). */
+/* Start the next send, or the finish after the last (a.mu held).  A
+ * method with a single reply (unary, client streaming) keeps its message
+ * until finish, which sends both in one batch. */
 static void pump(app_call *a) {
   if (a->sending || a->ended) return;
+  if (a->single_reply && !a->finish_pending) return;
+  if (a->finish_pending && a->single_reply && a->head && !a->head->next) {
+    start_finish(a);
+    return;
+  }
   if (a->head) {
     a->sending = 1;
     if (rp_call_send(a->c, a->head->bb, 0, send_done) != 0) {
@@ -378,7 +394,7 @@ static void app_free(rp_call *c) {
   pthread_mutex_destroy(&a->mu);
 }
 
-void rp_app_call_start(rp_callset *set, const char *method,
+void rp_app_call_start(rp_callset *set, const char *method, int kind,
                        rpcplugin_method_handler handler, void *handler_ctx,
                        grpc_call *call, grpc_byte_buffer *request,
                        gpr_timespec deadline) {
@@ -392,6 +408,8 @@ void rp_app_call_start(rp_callset *set, const char *method,
   a->pub.ops = &app_ops;
   a->c = c;
   a->method = method;
+  a->single_reply =
+      kind == RPCPLUGIN_UNARY || kind == RPCPLUGIN_CLIENT_STREAMING;
   a->deadline = deadline;
   pthread_mutex_init(&a->mu, NULL);
   c->on_free = app_free;

@@ -57,7 +57,7 @@ void rp_runtime_each_routed(rpcplugin_runtime *rt,
                             void *ud);
 /* call.c: a new application call; the handler owns it. */
 struct rp_callset;
-void rp_app_call_start(struct rp_callset *set, const char *method,
+void rp_app_call_start(struct rp_callset *set, const char *method, int kind,
                        rpcplugin_method_handler handler, void *handler_ctx,
                        grpc_call *call, grpc_byte_buffer *request,
                        gpr_timespec deadline);

@@ -100,6 +100,7 @@ typedef struct rt_app_route {
   rpcplugin_method_handler handler;
   void *handler_ctx;
   char *path;
+  int kind;
   struct rt_app_route *next;
 } rt_app_route;
 
@@ -423,7 +424,7 @@ int rpcplugin_runtime_add_method(rpcplugin_runtime *rt, const char *path,
 static void app_route_call(void *ctx, grpc_call *call,
                            grpc_byte_buffer *request, gpr_timespec deadline) {
   rt_app_route *r = ctx;
-  rp_app_call_start(r->set, r->path, r->handler, r->handler_ctx, call,
+  rp_app_call_start(r->set, r->path, r->kind, r->handler, r->handler_ctx, call,
                     request, deadline);
 }
 
@@ -445,6 +446,7 @@ static int add_app_route(rpcplugin_runtime *rt, rp_binding *owner,
     return rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
   }
   r->set = owner ? &owner->calls : &rt->host_calls;
+  r->kind = kind;
   r->handler = handler;
   r->handler_ctx = hctx;
   rc = add_route(rt, owner, path, kind, app_route_call, r, err);

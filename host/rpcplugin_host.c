@@ -107,6 +107,7 @@ static struct {
   size_t nmodule_paths;
   int exit_on_sigint;
   int full_teardown;
+  long poll_threads;
   int no_reflection; /* --no-reflection */
   int log_level;
   gid_t sock_gid; /* PLUGIN_UNIX_SOCKET_GROUP */
@@ -207,6 +208,8 @@ static void usage(FILE *f) {
 "  --ignore-sigint           ignore SIGINT (the default; kept for scripts)\n"
 "  --no-reflection           do not serve gRPC server reflection\n"
 "                            (grpc.reflection.v1alpha, served by default)\n"
+"  --poll-threads N          threads that run the handlers (default 4 with an\n"
+"                            application manifest, else 1)\n"
 "  --full-teardown           before exiting, also unload the module, destroy\n"
 "                            the server and shut gRPC down (for leak checkers;\n"
 "                            by default the host exits once everything was\n"
@@ -275,7 +278,8 @@ static int parse_args(int argc, char **argv) {
     O_NOSIGINT,
     O_SIGINT,
     O_TEARDOWN,
-    O_NOREFL
+    O_NOREFL,
+    O_POLLERS
   };
   static const struct option longopts[] = {
       {"magic-cookie", required_argument, NULL, O_COOKIE},
@@ -289,6 +293,7 @@ static int parse_args(int argc, char **argv) {
       {"exit-on-sigint", no_argument, NULL, O_SIGINT},
       {"full-teardown", no_argument, NULL, O_TEARDOWN},
       {"no-reflection", no_argument, NULL, O_NOREFL},
+      {"poll-threads", required_argument, NULL, O_POLLERS},
       {"verbose", no_argument, NULL, 'v'},
       {"help", no_argument, NULL, 'h'},
       {"version", no_argument, NULL, 'V'},
@@ -299,6 +304,7 @@ static int parse_args(int argc, char **argv) {
   H.network = NET_UNIX;
   H.exit_with_child = 1;
   H.kill_grace_ms = DEFAULT_KILL_GRACE_MS;
+  H.poll_threads = 0; /* by the manifest: see main */
   H.log_level = RPCPLUGIN_LOG_WARN;
   opterr = 0;
   /* "+": options end at MANIFEST, so COMMAND's own options stay its own. */
@@ -369,6 +375,13 @@ static int parse_args(int argc, char **argv) {
         break;
       case O_NOREFL:
         H.no_reflection = 1;
+        break;
+      case O_POLLERS:
+        if (parse_long(optarg, 1, 64, &v)) {
+          early("--poll-threads: expected 1..64, got \"%s\"", optarg);
+          return 2;
+        }
+        H.poll_threads = v;
         break;
       case 'v':
         if (H.log_level < RPCPLUGIN_LOG_DEBUG) H.log_level++;
@@ -1094,7 +1107,13 @@ int main(int argc, char **argv) {
   ro.on_shutdown = on_shutdown;
   ro.log = on_log;
   ro.log_level = H.log_level;
-  ro.poll_threads = 1;
+  /* The infrastructure services never block a poller; an application's
+   * handlers may, briefly (a file), and go-plugin's own plugins serve every
+   * call on a goroutine of its own: four pollers let four such calls wait
+   * at once. */
+  ro.poll_threads = H.poll_threads ? (unsigned)H.poll_threads
+                    : app          ? 4
+                                   : 1;
   if (cert.cert_pem) {
     /* AutoMTLS: connections the plugin makes to the client (broker
      * subchannels and dials) present our certificate and trust only the
