@@ -36,6 +36,10 @@ typedef struct app_call {
   rp_call *c;
   const char *method; /* the route's path, lives as long as the runtime */
   pthread_mutex_t mu;
+  /* Held while a user callback (the handler included) runs: callbacks of
+   * one call run one at a time, even with several pollers.  Recursive: a
+   * callback may register another that runs at once. */
+  pthread_mutex_t cb_mu;
   void *request;
   size_t request_len;
   gpr_timespec deadline;
@@ -72,6 +76,15 @@ static int writable(const app_call *a) {
   return a->ended || a->queued == 0 ||
          a->queued + want <= RPCPLUGIN_CALL_SEND_QUEUE_BYTES;
 }
+
+/* Run a user callback of a: one at a time per call.  The caller holds a
+ * reference of the call (a batch's, or the user's own). */
+#define RUN_CB(a, expr)                \
+  do {                                 \
+    pthread_mutex_lock(&(a)->cb_mu);   \
+    expr;                              \
+    pthread_mutex_unlock(&(a)->cb_mu); \
+  } while (0)
 
 /* ------------------------------------------------------------ sending */
 
@@ -156,7 +169,7 @@ static void send_done(rp_call *c, int ok) {
     a->on_writable = NULL;
   }
   pthread_mutex_unlock(&a->mu);
-  if (wcb) wcb(&a->pub, wud);
+  if (wcb) RUN_CB(a, wcb(&a->pub, wud));
 }
 
 static void finish_done(rp_call *c, int ok) {
@@ -188,8 +201,8 @@ static void closed(rp_call *c, int ok) {
     a->on_writable = NULL;
   }
   pthread_mutex_unlock(&a->mu);
-  if (cb) cb(&a->pub, ud);
-  if (wcb) wcb(&a->pub, wud);
+  if (cb) RUN_CB(a, cb(&a->pub, ud));
+  if (wcb) RUN_CB(a, wcb(&a->pub, wud));
 }
 
 /* ------------------------------------------------------------ reading */
@@ -208,13 +221,14 @@ static void recv_done(rp_call *c, int ok) {
   pthread_mutex_unlock(&a->mu);
   if (!ok) {
     if (bb) grpc_byte_buffer_destroy(bb);
-    cb(&a->pub, RPCPLUGIN_ESHUTDOWN, NULL, 0, ud);
+    RUN_CB(a, cb(&a->pub, RPCPLUGIN_ESHUTDOWN, NULL, 0, ud));
   } else if (bb == NULL) {
-    cb(&a->pub, 0, NULL, 0, ud);
+    RUN_CB(a, cb(&a->pub, 0, NULL, 0, ud));
   } else {
     grpc_slice s = rp_flatten(bb);
     grpc_byte_buffer_destroy(bb);
-    cb(&a->pub, 1, GRPC_SLICE_START_PTR(s), GRPC_SLICE_LENGTH(s), ud);
+    RUN_CB(a, cb(&a->pub, 1, GRPC_SLICE_START_PTR(s), GRPC_SLICE_LENGTH(s),
+                 ud));
     grpc_slice_unref(s);
   }
 }
@@ -260,7 +274,7 @@ static int op_on_cancel(rpcplugin_call *pub, rpcplugin_call_cb cb, void *ud) {
     a->on_cancel_ud = ud;
   }
   pthread_mutex_unlock(&a->mu);
-  if (now) cb(pub, ud);
+  if (now) RUN_CB(a, cb(pub, ud));
   return 0;
 }
 
@@ -336,7 +350,7 @@ static int op_on_writable(rpcplugin_call *pub, rpcplugin_call_cb cb,
     a->on_writable_ud = ud;
   }
   pthread_mutex_unlock(&a->mu);
-  if (now) cb(pub, ud);
+  if (now) RUN_CB(a, cb(pub, ud));
   return 0;
 }
 
@@ -391,6 +405,7 @@ static void app_free(rp_call *c) {
   drop_queue(a);
   free(a->request);
   free(a->finish_message);
+  pthread_mutex_destroy(&a->cb_mu);
   pthread_mutex_destroy(&a->mu);
 }
 
@@ -412,6 +427,13 @@ void rp_app_call_start(rp_callset *set, const char *method, int kind,
       kind == RPCPLUGIN_UNARY || kind == RPCPLUGIN_CLIENT_STREAMING;
   a->deadline = deadline;
   pthread_mutex_init(&a->mu, NULL);
+  {
+    pthread_mutexattr_t ma;
+    pthread_mutexattr_init(&ma);
+    pthread_mutexattr_settype(&ma, PTHREAD_MUTEX_RECURSIVE);
+    pthread_mutex_init(&a->cb_mu, &ma);
+    pthread_mutexattr_destroy(&ma);
+  }
   c->on_free = app_free;
   if (request) {
     grpc_slice s = rp_flatten(request);
@@ -426,6 +448,9 @@ void rp_app_call_start(rp_callset *set, const char *method, int kind,
     }
   }
   if (rp_call_watch_close(c, closed) != 0) a->ended = 1;
-  /* The handler owns the adopt reference from here on. */
-  handler(handler_ctx, &a->pub);
+  /* The handler owns the adopt reference from here on; one more keeps the
+   * call (and cb_mu) alive until it returns, even if it finished. */
+  rp_call_ref(c);
+  RUN_CB(a, handler(handler_ctx, &a->pub));
+  rp_call_unref(c);
 }

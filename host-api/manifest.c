@@ -460,11 +460,18 @@ int rpcplugin_manifest_load_infrastructure(const rpcplugin_manifest *app,
                     app->path);
   name = app->infrastructure ? app->infrastructure : "host.json";
   if (strchr(name, '/')) {
+    int rc;
     if (name[0] == '/')
       snprintf(path, sizeof path, "%s", name);
     else
       snprintf(path, sizeof path, "%s/%s", app->dir, name);
-    return rpcplugin_manifest_load(path, out, err);
+    rc = rpcplugin_manifest_load(path, out, err);
+    if (rc == RPCPLUGIN_ENOENT && err) { /* name the field, too */
+      char why[sizeof err->message];
+      snprintf(why, sizeof why, "%s", err->message);
+      rp_error(err, rc, "%s: field \"infrastructure\": %s", app->path, why);
+    }
+    return rc;
   }
 #define TRY(d, n)                                                          \
   do {                                                                     \
@@ -488,10 +495,17 @@ int rpcplugin_manifest_load_infrastructure(const rpcplugin_manifest *app,
         info.dli_fname) {
       const char *slash = strrchr(info.dli_fname, '/');
       char dir[PATH_MAX];
+      /* <libdir>/../share, and <libdir>/../../share for a multiarch
+       * libdir (/usr/lib/x86_64-linux-gnu). */
       if (slash &&
           (size_t)snprintf(dir, sizeof dir, "%.*s/../share/rpcplugin/manifests",
                            (int)(slash - info.dli_fname),
                            info.dli_fname) < sizeof dir)
+        TRY(dir, strlen(dir));
+      if (slash && (size_t)snprintf(dir, sizeof dir,
+                                    "%.*s/../../share/rpcplugin/manifests",
+                                    (int)(slash - info.dli_fname),
+                                    info.dli_fname) < sizeof dir)
         TRY(dir, strlen(dir));
     }
   }

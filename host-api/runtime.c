@@ -1127,7 +1127,19 @@ void rpcplugin_runtime_destroy(rpcplugin_runtime *rt) {
     if (mod == NULL) break;
     rp_module_free(mod);
   }
-  while (rt->bindings) rp_runtime_unbind(rt->bindings);
+  /* A binding whose module was kept loaded (its application calls outlived
+   * its shutdown) stays, with its call set: a late finish still finds it. */
+  {
+    rp_binding **pp = &rt->bindings;
+    while (*pp) {
+      rp_binding *b = *pp;
+      if (rp_callset_count(&b->calls) > 0) {
+        pp = &b->next;
+        continue;
+      }
+      rp_runtime_unbind(b); /* unlinks b */
+    }
+  }
   for (i = 0; i < rt->nrequests; i++) {
     grpc_metadata_array_destroy(&rt->requests[i].md);
     grpc_call_details_destroy(&rt->requests[i].details);

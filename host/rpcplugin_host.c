@@ -182,10 +182,11 @@ static void usage(FILE *f) {
 "Usage: " PROG " [OPTIONS] MANIFEST [-- COMMAND [ARG...]]\n"
 "\n"
 "Serve the go-plugin infrastructure services of MANIFEST's module (GRPCBroker,\n"
-"GRPCStdio, GRPCController, health) as a go-plugin plugin: check the magic\n"
-"cookie, negotiate the protocol version, listen, print the handshake line on\n"
-"stdout, then forward this process's stdout/stderr, and COMMAND's, to the\n"
-"client through GRPCStdio.  Exits 0 after Shutdown, SIGTERM, SIGHUP or (by\n"
+"GRPCStdio, GRPCController, health), and with an application's MANIFEST its\n"
+"services next to those of the manifest its \"infrastructure\" names, as a\n"
+"go-plugin plugin: check the magic cookie, negotiate the protocol version,\n"
+"listen, print the handshake line on stdout, then forward this process's\n"
+"stdout/stderr, and COMMAND's, to the client through GRPCStdio.  Exits 0 after Shutdown, SIGTERM, SIGHUP or (by\n"
 "default) the end of COMMAND.  SIGINT is ignored, as go-plugin's own plugins\n"
 "do: Ctrl-C reaches the whole process group and the client stops its plugins\n"
 "itself.\n"
@@ -232,7 +233,8 @@ static void usage(FILE *f) {
 "folder searchable for that group only), PLUGIN_CLIENT_CERT (AutoMTLS),\n"
 "PLUGIN_MULTIPLEX_GRPC (not supported: the handshake line keeps its 5 or 6\n"
 "fields and a note goes to stderr); RPCPLUGIN_MODULE_PATH (module search\n"
-"path), TMPDIR.\n",
+"path), RPCPLUGIN_MANIFEST_PATH (where an application manifest's\n"
+"infrastructure manifest is looked for), TMPDIR.\n",
           DEFAULT_KILL_GRACE_MS);
   /* clang-format on */
 }

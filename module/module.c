@@ -176,10 +176,15 @@ static int m_register(void *instance, const char *const *services,
                services[i] ? services[i] : "(null)");
       return RPCPLUGIN_EINVAL;
     }
-    for (j = 0; j < inst->nenabled; j++)
-      if (inst->enabled[j] == svc) break;
-    if (j == inst->nenabled) inst->enabled[inst->nenabled++] = svc;
   }
+  /* Enabled in one fixed order, whatever the manifest's: the hooks run in
+   * it (at shutdown the broker's streams end before stdio flushes). */
+  for (j = 0; j < RP_NSERVICES; j++)
+    for (i = 0; i < nservices; i++)
+      if (strcmp(services[i], all_services[j]->name) == 0) {
+        inst->enabled[inst->nenabled++] = all_services[j];
+        break;
+      }
   for (i = 0; i < inst->nenabled; i++) {
     const rp_service *svc = inst->enabled[i];
     if (svc->create && (rc = svc->create(inst, err, errlen)) != 0) return rc;

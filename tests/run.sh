@@ -207,7 +207,7 @@ if has fuzz; then
     fuzz_config fuzz_codec fuzz_squeue >/dev/null
   corpus=$(mktemp -d)
   mkdir -p "$corpus/manifest"
-  cp manifests/*.json "$corpus/manifest/"
+  cp manifests/*.json examples/*/*.json "$corpus/manifest/"
   for t in manifest config codec squeue; do
     mkdir -p "$corpus/$t"
     if ! "$ROOT/build-fuzz/tests/fuzz_$t" \

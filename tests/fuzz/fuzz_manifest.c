@@ -15,7 +15,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   if (rc == 0) {
     /* Accepted: every accessor answers. */
     int maj, min;
-    if (rpcplugin_manifest_services(m) == 0) __builtin_trap();
+    size_t i, n = rpcplugin_manifest_service_count(m);
+    /* Infrastructure services or application services, never neither. */
+    if (n == 0) __builtin_trap();
+    if ((rpcplugin_manifest_services(m) == 0) !=
+        (rpcplugin_manifest_is_application(m) != 0))
+      __builtin_trap();
+    for (i = 0; i < n; i++)
+      if (rpcplugin_manifest_service_name(m, i)[0] == '\0') __builtin_trap();
+    if (rpcplugin_manifest_infrastructure(m) &&
+        !rpcplugin_manifest_is_application(m))
+      __builtin_trap();
     rpcplugin_manifest_abi_version(m, &maj, &min);
     if (maj != RPCPLUGIN_ABI_MAJOR) __builtin_trap();
     if (strlen(rpcplugin_manifest_config_json(m)) < 2) __builtin_trap();

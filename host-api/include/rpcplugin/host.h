@@ -161,17 +161,17 @@ int rpcplugin_runtime_add_method(rpcplugin_runtime *rt, const char *path,
                                  int kind, rpcplugin_call_handler handler,
                                  void *handler_ctx, rpcplugin_error *err);
 
-/* Serve a method of the host's own through the application call API
- * (rpcplugin_call, <rpcplugin/rpcplugin.h>): no batches or tags.  Before
- * grpc_server_start.  At shutdown the calls still unfinished are cancelled
- * (on_cancel runs) and the runtime waits up to 5 s for the handlers to
- * finish them.  (Added in 0.2.) */
 /* Describe the host's own services for server reflection: a serialized
  * google.protobuf.FileDescriptorSet (copied).  (Added in 0.2.) */
 int rpcplugin_runtime_add_descriptors(rpcplugin_runtime *rt,
                                       const void *descriptor_set, size_t len,
                                       rpcplugin_error *err);
 
+/* Serve a method of the host's own through the application call API
+ * (rpcplugin_call, <rpcplugin/rpcplugin.h>): no batches or tags.  Before
+ * grpc_server_start.  At shutdown the calls still unfinished are cancelled
+ * (on_cancel runs) and the runtime waits up to 5 s for the handlers to
+ * finish them.  (Added in 0.2.) */
 int rpcplugin_runtime_add_call_method(rpcplugin_runtime *rt, const char *path,
                                       int kind,
                                       rpcplugin_method_handler handler,

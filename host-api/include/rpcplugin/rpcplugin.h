@@ -374,7 +374,8 @@ typedef struct rpcplugin_host_api {
    * (RPCPLUGIN_EWRONGTHREAD).  method is "/package.Service/Method".  The
    * reply goes to resp (resp_cap bytes; RPCPLUGIN_ETOOBIG when larger) and
    * its length to *resp_len.  A status other than OK is RPCPLUGIN_EGRPC
-   * with "status N: message" in err.  timeout_ms <= 0: no deadline. */
+   * with "METHOD: status N: message" in err.  timeout_ms <= 0: no
+   * deadline. */
   int (*unary_call)(void *host_ctx, grpc_channel *channel, const char *method,
                     const void *req, size_t req_len, int timeout_ms,
                     void *resp, size_t resp_cap, size_t *resp_len, char *err,
