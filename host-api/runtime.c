@@ -514,6 +514,19 @@ static int add_descriptor_set(rpcplugin_runtime *rt, const void *set,
   void *copy;
   if (set == NULL || len == 0)
     return rp_error(err, RPCPLUGIN_EINVAL, "add_descriptors: empty set");
+  /* The same set again (a module loaded anew: a swap, a reload) is kept
+   * once: sets live until rpcplugin_runtime_destroy, so storing each
+   * load's copy would grow with every load. */
+  pthread_mutex_lock(&rt->mu);
+  {
+    size_t i;
+    for (i = 0; i < rt->ndesc; i++)
+      if (rt->desc_len[i] == len && memcmp(rt->desc[i], set, len) == 0) {
+        pthread_mutex_unlock(&rt->mu);
+        return 0;
+      }
+  }
+  pthread_mutex_unlock(&rt->mu);
   copy = malloc(len);
   if (copy == NULL) return rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
   memcpy(copy, set, len);
