@@ -321,14 +321,6 @@ grpc_slice rp_flatten(grpc_byte_buffer *bb) {
 }
 
 void rp_callset_cancel_and_drain(rp_callset *set) {
-  rp_call *c;
-  pthread_mutex_lock(&set->mu);
-  set->cancelling = 1;
-  /* A call's memory and its grpc_call are released only after it left
-   * the list, under this lock, so every call seen here is valid. */
-  for (c = set->calls; c; c = c->next)
-    grpc_call_cancel_with_status(c->call, GRPC_STATUS_UNAVAILABLE,
-                                 "plugin is shutting down", NULL);
-  while (set->ncalls > 0) pthread_cond_wait(&set->cv, &set->mu);
-  pthread_mutex_unlock(&set->mu);
+  rp_callset_cancel(set);
+  rp_callset_wait(set, -1);
 }

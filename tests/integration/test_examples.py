@@ -37,17 +37,23 @@ def kv_plugin(network="unix"):
         HOST_BIN, network, KV_MANIFEST)
 
 
-def gpkv(workdir, plugin, *args, automtls=False):
+def go_client(prog, workdir, plugin, *args, automtls=False):
+    """Run a go-plugin v1.0.1 client of tests/go (gpkv, gpcounter): it
+    launches `plugin` with sh -c, in workdir."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PLUGIN_")}
     env["TMPDIR"] = workdir  # the plugins' sockets
     env["PLUGIN_MIN_PORT"] = "10000"
     env["PLUGIN_MAX_PORT"] = "25000"
-    argv = [os.path.join(GO_BIN, "gpkv"), "--timeout", "%ds" % (10 * SLOW),
+    argv = [os.path.join(GO_BIN, prog), "--timeout", "%ds" % (10 * SLOW),
             "--plugin", plugin] + (["--automtls"] if automtls else []) + \
         list(args)
     return subprocess.run(argv, cwd=workdir, env=env, capture_output=True,
                           timeout=60 * SLOW)
+
+
+def gpkv(workdir, plugin, *args, automtls=False):
+    return go_client("gpkv", workdir, plugin, *args, automtls=automtls)
 
 
 @pytest.mark.parametrize("automtls", [False, True], ids=["plain", "automtls"])
@@ -113,16 +119,7 @@ def counter_plugin(network="unix"):
 
 
 def gpcounter(workdir, plugin, *args, automtls=False):
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("PLUGIN_")}
-    env["TMPDIR"] = workdir
-    env["PLUGIN_MIN_PORT"] = "10000"
-    env["PLUGIN_MAX_PORT"] = "25000"
-    argv = [os.path.join(GO_BIN, "gpcounter"), "--timeout",
-            "%ds" % (10 * SLOW), "--plugin", plugin] + \
-        (["--automtls"] if automtls else []) + list(args)
-    return subprocess.run(argv, cwd=workdir, env=env, capture_output=True,
-                          timeout=60 * SLOW)
+    return go_client("gpcounter", workdir, plugin, *args, automtls=automtls)
 
 
 @pytest.mark.parametrize("automtls", [False, True], ids=["plain", "automtls"])
