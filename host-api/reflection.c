@@ -590,9 +590,10 @@ static void send_then_read(rpcplugin_call *call, refl_stream *s) {
     rpcplugin_call_on_writable(call, on_writable, s);
     s->arming = 0;
     if (!s->fired) return; /* on_writable comes back later */
-    /* Room for half the queue, and still not for this response: a
-     * response larger than half the queue behind one not sent yet, and
-     * the call API has no wait for an empty queue. */
+    /* on_writable ran at once, so the refused response fits now: the
+     * retry succeeds.  A second refusal would mean the queue grew
+     * meanwhile, which this stream alone cannot do: end it rather than
+     * loop. */
     if (retried++) {
       end_stream(call, s, GRPC_STATUS_RESOURCE_EXHAUSTED,
                  "reflection response too large while another is being "
