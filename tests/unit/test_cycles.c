@@ -11,9 +11,10 @@
  *           destroyed: what a host that serves, stops and starts again does.
  * After a warm-up of 20 cycles (gRPC's lazily made globals, malloc's
  * arenas) the process's threads, open descriptors and RSS are the
- * baseline; after the last cycle threads and descriptors must equal it and
- * RSS may not have grown by more than 2 MiB (about 2 KiB a cycle: a leak of
- * one small allocation per cycle shows up).
+ * baseline; after the last cycle descriptors must equal it, threads may
+ * exceed it by two at most (gRPC's pools), and RSS may not have grown by
+ * more than 2 MiB (about 2 KiB a cycle: a leak of one small allocation per
+ * cycle shows up).
  */
 #include <dirent.h>
 #include <stdio.h>
@@ -128,12 +129,27 @@ static void full_cycle(const char *addr) {
   grpc_server_destroy(s);
 }
 
+/* The process after the cycles: gRPC's own thread pools grow and shrink
+ * by themselves (an idle worker exits a moment later), so give them up to
+ * 2 s to come back to the baseline, then allow two threads more: a thread
+ * or descriptor left per cycle would be hundreds. */
+static sample settle(sample base) {
+  sample s = take();
+  int i;
+  for (i = 0; i < 200 && (s.threads > base.threads || s.fds != base.fds);
+       i++) {
+    usleep(10000); /* no event tells that a thread exited: look again */
+    s = take();
+  }
+  return s;
+}
+
 static void check_back(const char *what, sample base, sample end, long n) {
   fprintf(stderr,
           "%s x%ld: threads %ld -> %ld, fds %ld -> %ld, RSS %ld -> %ld KiB\n",
           what, n, base.threads, end.threads, base.fds, end.fds, base.rss,
           end.rss);
-  CHECK_EQ_INT((int)end.threads, (int)base.threads);
+  CHECK(end.threads <= base.threads + 2);
   CHECK_EQ_INT((int)end.fds, (int)base.fds);
   if (!UNDER_ASAN) CHECK(end.rss - base.rss <= RSS_SLACK_KB);
 }
@@ -172,7 +188,7 @@ int main(int argc, char **argv) {
       if (mod == NULL) break;
       CHECK_EQ_INT(rpcplugin_module_unload(mod), 0);
     }
-    check_back("module", base, take(), n);
+    check_back("module", base, settle(base), n);
     CHECK_EQ_INT(rpcplugin_runtime_shutdown(rt), 0);
     rpcplugin_runtime_destroy(rt);
     grpc_server_destroy(s);
@@ -183,7 +199,7 @@ int main(int argc, char **argv) {
     if (i == WARMUP) base = take();
     full_cycle(addr);
   }
-  check_back("full", base, take(), n);
+  check_back("full", base, settle(base), n);
 
   unlink(addr + 5);
   grpc_shutdown();
