@@ -39,14 +39,9 @@ int rp_unary_call(grpc_channel *channel, const char *method, const void *req,
                   size_t req_len, int timeout_ms, void *resp, size_t resp_cap,
                   size_t *resp_len, char *err, size_t errlen);
 /* Descriptors the modules and the host added (for server reflection):
- * serialized FileDescriptorSets, in the order added.  The runtime owns
- * them; valid until rpcplugin_runtime_destroy. */
-size_t rp_runtime_descriptor_sets(rpcplugin_runtime *rt,
-                                  const void *const **sets,
-                                  const size_t **lens);
-/* The i-th of them, read under the runtime's lock (a later add may move
- * the lists rp_runtime_descriptor_sets returns); 0 past the last.  The
- * bytes stay valid until rpcplugin_runtime_destroy. */
+ * serialized FileDescriptorSets, each kept once, in the order added.  The
+ * i-th, read under the runtime's lock; 0 past the last.  The bytes stay
+ * valid until rpcplugin_runtime_destroy. */
 int rp_runtime_descriptor_set_at(rpcplugin_runtime *rt, size_t i,
                                  const void **set, size_t *len);
 /* reflection.c: fn(ud, "/pkg.Service/Method") for every method routed now

@@ -555,18 +555,6 @@ int rpcplugin_runtime_add_descriptors(rpcplugin_runtime *rt,
   return add_descriptor_set(rt, descriptor_set, len, err);
 }
 
-size_t rp_runtime_descriptor_sets(rpcplugin_runtime *rt,
-                                  const void *const **sets,
-                                  const size_t **lens) {
-  size_t n;
-  pthread_mutex_lock(&rt->mu);
-  n = rt->ndesc;
-  *sets = (const void *const *)rt->desc;
-  *lens = rt->desc_len;
-  pthread_mutex_unlock(&rt->mu);
-  return n;
-}
-
 int rp_runtime_descriptor_set_at(rpcplugin_runtime *rt, size_t i,
                                  const void **set, size_t *len) {
   int found;
@@ -611,25 +599,22 @@ static int host_broker_dial(void *host_ctx, uint32_t id, int timeout_ms,
   if (out == NULL) return RPCPLUGIN_EINVAL;
   *out = NULL;
   if (tls_poller != NULL) return RPCPLUGIN_EWRONGTHREAD;
-  for (;;) {
+  {
     const rpcplugin_module_api *api = NULL;
     void *inst = NULL;
-    /* The module list only grows or shrinks on control threads; look the
-     * broker up under the lock, call it without. */
+    /* The module list changes only on control threads; look the broker up
+     * under the lock, call it without. */
     pthread_mutex_lock(&rt->mu);
-    for (n = rt->modules; n; n = n->next) {
+    for (n = rt->modules; n && api == NULL; n = n->next) {
       const rpcplugin_module_api *a = rpcplugin_module_api_of(n->mod);
       if (RPCPLUGIN_MODULE_HAS(a, broker_wait_advertised) &&
           (rpcplugin_module_services_of(n->mod) & RPCPLUGIN_SVC_BROKER)) {
         api = a;
         inst = rpcplugin_module_instance(n->mod);
-        break;
       }
     }
     pthread_mutex_unlock(&rt->mu);
-    if (api == NULL) break;
-    rc = api->broker_wait_advertised(inst, id, timeout_ms, &info);
-    break;
+    if (api) rc = api->broker_wait_advertised(inst, id, timeout_ms, &info);
   }
   if (rc != 0) {
     if (errbuf && errlen)

@@ -15,9 +15,7 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
-	"os"
 	"strconv"
 
 	plugin "github.com/hashicorp/go-plugin"
@@ -32,37 +30,15 @@ type addHelper struct{}
 
 func (addHelper) Sum(_ context.Context, a, b int64) (int64, error) { return a + b, nil }
 
-func usage() {
-	fmt.Fprint(os.Stderr, `usage:
+func main() {
+	c := kvshared.NewCommand("gpcounter", `usage:
   gpcounter [FLAGS] put KEY VALUE
   gpcounter [FLAGS] get KEY
-FLAGS (also accepted after the subcommand):
-`)
-	fs := flag.NewFlagSet("gpcounter", flag.ContinueOnError)
-	h := kvshared.DefaultHostFlags()
-	h.Add(fs, env)
-	fs.SetOutput(os.Stderr)
-	fs.PrintDefaults()
-	os.Exit(2)
-}
-
-func main() {
-	h := kvshared.DefaultHostFlags()
-	top := flag.NewFlagSet("gpcounter", flag.ExitOnError)
-	top.Usage = usage
-	h.Add(top, env)
-	top.Parse(os.Args[1:])
-	if top.NArg() < 1 {
-		usage()
-	}
-	op := top.Arg(0)
-	sub := flag.NewFlagSet(op, flag.ExitOnError)
-	sub.Usage = usage
-	h.Add(sub, env)
-	sub.Parse(top.Args()[1:])
-	args := sub.Args()
+`, env)
+	op, h := c.Op, c.Flags
+	args := c.Parse()
 	if !(op == "get" && len(args) == 1) && !(op == "put" && len(args) == 2) {
-		usage()
+		c.Usage()
 	}
 	var value int64
 	if op == "put" {

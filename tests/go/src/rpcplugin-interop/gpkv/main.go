@@ -18,7 +18,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"math"
 	"os"
@@ -34,55 +33,33 @@ import (
 
 const env = "KV_PLUGIN"
 
-func usage() {
-	fmt.Fprint(os.Stderr, `usage:
+func main() {
+	c := kvshared.NewCommand("gpkv", `usage:
   gpkv [FLAGS] get KEY
   gpkv [FLAGS] put KEY VALUE
   gpkv [FLAGS] bench [--n N] [--concurrency C] [--size BYTES] [--warmup N] [--key PREFIX]
-FLAGS (also accepted after the subcommand):
-`)
-	fs := flag.NewFlagSet("gpkv", flag.ContinueOnError)
-	h := kvshared.DefaultHostFlags()
-	h.Add(fs, env)
-	fs.SetOutput(os.Stderr)
-	fs.PrintDefaults()
-	os.Exit(2)
-}
-
-func main() {
-	h := kvshared.DefaultHostFlags()
-	top := flag.NewFlagSet("gpkv", flag.ExitOnError)
-	top.Usage = usage
-	h.Add(top, env)
-	top.Parse(os.Args[1:])
-	if top.NArg() < 1 {
-		usage()
-	}
-	sub := flag.NewFlagSet(top.Arg(0), flag.ExitOnError)
-	sub.Usage = usage
-	h.Add(sub, env)
-	switch top.Arg(0) {
+`, env)
+	switch c.Op {
 	case "get", "put":
-		sub.Parse(top.Args()[1:])
-		want := map[string]int{"get": 1, "put": 2}[top.Arg(0)]
-		if sub.NArg() != want {
-			usage()
+		args := c.Parse()
+		want := map[string]int{"get": 1, "put": 2}[c.Op]
+		if len(args) != want {
+			c.Usage()
 		}
-		getPut(&h, top.Arg(0), sub.Args())
+		getPut(&c.Flags, c.Op, args)
 	case "bench":
 		var b benchOpts
-		sub.IntVar(&b.n, "n", 10000, "number of timed Put calls")
-		sub.IntVar(&b.concurrency, "concurrency", 4, "goroutines making calls on the one client")
-		sub.IntVar(&b.size, "size", 64, "value size in bytes")
-		sub.IntVar(&b.warmup, "warmup", 100, "untimed Put calls before the timed ones")
-		sub.StringVar(&b.key, "key", "bench", "key prefix; goroutine i uses PREFIX<i>")
-		sub.Parse(top.Args()[1:])
-		if sub.NArg() != 0 || b.n < 1 || b.concurrency < 1 || b.size < 0 || b.warmup < 0 {
-			usage()
+		c.Sub.IntVar(&b.n, "n", 10000, "number of timed Put calls")
+		c.Sub.IntVar(&b.concurrency, "concurrency", 4, "goroutines making calls on the one client")
+		c.Sub.IntVar(&b.size, "size", 64, "value size in bytes")
+		c.Sub.IntVar(&b.warmup, "warmup", 100, "untimed Put calls before the timed ones")
+		c.Sub.StringVar(&b.key, "key", "bench", "key prefix; goroutine i uses PREFIX<i>")
+		if len(c.Parse()) != 0 || b.n < 1 || b.concurrency < 1 || b.size < 0 || b.warmup < 0 {
+			c.Usage()
 		}
-		bench(&h, &b)
+		bench(&c.Flags, &b)
 	default:
-		usage()
+		c.Usage()
 	}
 }
 

@@ -36,6 +36,51 @@ func DefaultHostFlags() HostFlags {
 	return HostFlags{Timeout: 10 * time.Second, LogLevel: "warn"}
 }
 
+// Command is the command line both clients share: FLAGS SUBCOMMAND
+// [FLAGS] ARGS, the flags accepted before and after the subcommand.
+type Command struct {
+	Flags HostFlags
+	Op    string        // the subcommand
+	Sub   *flag.FlagSet // its flags: add the subcommand's own before Parse
+	Usage func()        // prints the usage text and the flags, exits 2
+	rest  []string
+}
+
+// NewCommand parses the flags before the subcommand.  usageText is the
+// first part of the usage message (the subcommands); env names the
+// variable that holds the plugin command.
+func NewCommand(prog, usageText, env string) *Command {
+	c := &Command{Flags: DefaultHostFlags()}
+	c.Usage = func() {
+		fmt.Fprint(os.Stderr, usageText+"FLAGS (also accepted after the subcommand):\n")
+		fs := flag.NewFlagSet(prog, flag.ContinueOnError)
+		h := DefaultHostFlags()
+		h.Add(fs, env)
+		fs.SetOutput(os.Stderr)
+		fs.PrintDefaults()
+		os.Exit(2)
+	}
+	top := flag.NewFlagSet(prog, flag.ExitOnError)
+	top.Usage = c.Usage
+	c.Flags.Add(top, env)
+	top.Parse(os.Args[1:])
+	if top.NArg() < 1 {
+		c.Usage()
+	}
+	c.Op = top.Arg(0)
+	c.rest = top.Args()[1:]
+	c.Sub = flag.NewFlagSet(c.Op, flag.ExitOnError)
+	c.Sub.Usage = c.Usage
+	c.Flags.Add(c.Sub, env)
+	return c
+}
+
+// Parse parses the subcommand's flags and returns its arguments.
+func (c *Command) Parse() []string {
+	c.Sub.Parse(c.rest)
+	return c.Sub.Args()
+}
+
 // cleanup runs in Fail before the exit.
 var cleanup func()
 
