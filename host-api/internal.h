@@ -26,6 +26,18 @@ rp_binding *rp_runtime_bind(rpcplugin_runtime *rt, rpcplugin_module *mod);
  * is running. */
 void rp_runtime_unroute(rp_binding *b);
 void rp_runtime_unbind(rp_binding *b);
+/* A swap's new binding: its routes wait until rp_runtime_commit_routes,
+ * which moves every route of old (may be NULL) to b and waits until no
+ * handler call into old runs; returns the routes moved. */
+void rp_runtime_stage(rp_binding *b);
+size_t rp_runtime_commit_routes(rp_binding *old, rp_binding *b);
+/* 1 when a module of rt has the file (dev, ino) loaded. */
+#include <sys/types.h>
+int rp_runtime_file_loaded(rpcplugin_runtime *rt, dev_t dev, ino_t ino);
+int rp_module_has_file(rpcplugin_module *mod, dev_t dev, ino_t ino);
+int rp_runtime_on_poller(rpcplugin_runtime *rt);
+/* 1 once the runtime drains or stops. */
+int rp_runtime_stopping(rpcplugin_runtime *rt);
 /* The binding's application calls: cancel them (no wait), then wait up to
  * timeout_ms for their handlers to finish them; returns those left. */
 void rp_runtime_cancel_calls(rp_binding *b);

@@ -21,6 +21,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <time.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,8 +34,9 @@
 #define RPCPLUGIN_MODULE_DIR "/usr/local/lib/rpcplugin"
 #endif
 
-struct rpcplugin_module {
-  rpcplugin_runtime *rt;
+/* One loaded implementation: a file, its instance, its binding.  A swap
+ * puts a new generation behind the same handle. */
+typedef struct rp_gen {
   rp_binding *binding;
   void *dl;
   const rpcplugin_module_api *api;
@@ -42,7 +46,23 @@ struct rpcplugin_module {
   int shut;
   int keep_loaded; /* application calls outlived its shutdown */
   int fd;          /* the file dlopen mapped, open while loaded */
+  dev_t dev;       /* the file resolved (before any private copy) */
+  ino_t ino;
+  int users;       /* host threads inside one of its entries (mod->mu) */
+  char **names;    /* the manifest's service names */
+  size_t nnames;
+} rp_gen;
+
+struct rpcplugin_module {
+  rpcplugin_runtime *rt;
+  pthread_mutex_t mu; /* cur, users; cv: a generation's users left */
+  pthread_cond_t cv;
+  rp_gen *cur;
+  rp_gen *old;   /* the generation a swap retires, while it does */
+  int swapping;
   unsigned services; /* the manifest's infrastructure services */
+  int app;           /* an application manifest */
+  unsigned long swaps;
 };
 
 /* Try dir/name; on success *fd is open and path filled.  Returns 0, or
@@ -183,30 +203,89 @@ static int check_header(const rpcplugin_module_api *api, const char *path,
   return 0;
 }
 
-int rp_module_start(rpcplugin_module *mod) {
+/* ------------------------------------------------------ generations */
+
+static int gen_start(rp_gen *g) {
   int rc;
-  if (mod->started) return 0;
-  rc = mod->api->start(mod->inst);
-  if (rc == 0) mod->started = 1;
+  if (g->started) return 0;
+  rc = g->api->start(g->inst);
+  if (rc == 0) g->started = 1;
   return rc;
 }
 
-int rpcplugin_module_load(rpcplugin_runtime *rt, const rpcplugin_manifest *m,
-                          const rpcplugin_load_options *opts,
-                          rpcplugin_module **out, rpcplugin_error *err) {
+int rp_module_start(rpcplugin_module *mod) { return gen_start(mod->cur); }
+
+/* A private copy of the file open at fd, in a memfd: glibc hands back the
+ * object already loaded when a new dlopen names a file with the same device
+ * and inode, so a module loaded again from the same file (a reload, a swap
+ * back) would share the old code instead of running the file as it is now.
+ * Returns the memfd, or -1 with errno. */
+static int private_copy(int fd) {
+  char buf[65536];
+  off_t off = 0;
+  int mfd = memfd_create("rpcplugin-module", MFD_CLOEXEC);
+  if (mfd < 0) return -1;
+  for (;;) {
+    ssize_t n = pread(fd, buf, sizeof buf, off), w = 0;
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) goto fail;
+    if (n == 0) break;
+    while (w < n) {
+      ssize_t k = write(mfd, buf + w, (size_t)(n - w));
+      if (k < 0 && errno == EINTR) continue;
+      if (k <= 0) goto fail;
+      w += k;
+    }
+    off += n;
+  }
+  return mfd;
+fail : {
+  int e = errno;
+  close(mfd);
+  errno = e ? e : EIO;
+  return -1;
+}
+}
+
+static void gen_free_names(rp_gen *g) {
+  size_t i;
+  for (i = 0; i < g->nnames; i++) free(g->names[i]);
+  free(g->names);
+  g->names = NULL;
+  g->nnames = 0;
+}
+
+/* Undo a generation that init or register did not finish. */
+static void gen_discard(rp_gen *g) {
+  if (g->binding) rp_runtime_unroute(g->binding);
+  if (g->inst) {
+    g->api->shutdown(g->inst);
+    g->api->destroy(g->inst);
+  }
+  if (g->binding) rp_runtime_unbind(g->binding);
+  if (g->dl) dlclose(g->dl);
+  if (g->fd >= 0) close(g->fd);
+  gen_free_names(g);
+  free(g->path);
+  free(g);
+}
+
+/* Load, check, init and register the implementation manifest m names, as
+ * one generation of mod.  staged: its routes wait for a commit (a swap);
+ * otherwise they take effect at once.  The caller has validated rt, m. */
+static int gen_load(rpcplugin_runtime *rt, rpcplugin_module *mod,
+                    const rpcplugin_manifest *m,
+                    const rpcplugin_load_options *opts, int staged,
+                    rp_gen **out, rpcplugin_error *err) {
   char path[PATH_MAX], fdpath[64], msg[512];
   int fd = -1, rc;
   struct stat st;
-  rpcplugin_module *mod;
+  rp_gen *g;
   rpcplugin_module_entry_fn entry;
   rpcplugin_host_api host;
   const char **names = NULL;
   size_t nnames = 0, i;
 
-  rp_error_clear(err);
-  if (rt == NULL || m == NULL || out == NULL)
-    return rp_error(err, RPCPLUGIN_EINVAL,
-                    "rpcplugin_module_load: runtime, manifest and out needed");
   *out = NULL;
   rc = resolve_module(m, opts, path, sizeof path, &fd, err);
   if (rc) return rc;
@@ -222,25 +301,41 @@ int rpcplugin_module_load(rpcplugin_runtime *rt, const rpcplugin_manifest *m,
                     "it",
                     rpcplugin_manifest_path(m), path);
   }
+  if (rp_runtime_file_loaded(rt, st.st_dev, st.st_ino)) {
+    /* The same file is loaded already (a reload, a swap back to it): load
+     * it from a private copy of what was checked, so that the new
+     * generation runs the file as it is now, in its own mapping. */
+    int mfd = private_copy(fd);
+    if (mfd < 0) {
+      int e = errno;
+      close(fd);
+      return rp_error(err, RPCPLUGIN_EIO,
+                      "%s: module %s: cannot make a private copy to load it "
+                      "again: %s",
+                      rpcplugin_manifest_path(m), path, strerror(e));
+    }
+    close(fd);
+    fd = mfd;
+  }
 
-  mod = calloc(1, sizeof *mod);
-  if (mod == NULL || (mod->path = strdup(path)) == NULL) {
-    free(mod);
+  g = calloc(1, sizeof *g);
+  if (g == NULL || (g->path = strdup(path)) == NULL) {
+    free(g);
     close(fd);
     return rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
   }
-  mod->rt = rt;
-  mod->services = rpcplugin_manifest_services(m);
+  g->fd = fd;
+  g->dev = st.st_dev;
+  g->ino = st.st_ino;
   snprintf(fdpath, sizeof fdpath, "/proc/self/fd/%d", fd);
   dlerror();
-  mod->dl = dlopen(fdpath, RTLD_NOW | RTLD_LOCAL);
-  if (mod->dl == NULL && access("/proc/self/fd", F_OK) != 0)
-    mod->dl = dlopen(path, RTLD_NOW | RTLD_LOCAL); /* no /proc */
+  g->dl = dlopen(fdpath, RTLD_NOW | RTLD_LOCAL);
+  if (g->dl == NULL && access("/proc/self/fd", F_OK) != 0)
+    g->dl = dlopen(path, RTLD_NOW | RTLD_LOCAL); /* no /proc */
   /* The descriptor stays open as long as the module is loaded: glibc
    * matches a new dlopen by name first, and "/proc/self/fd/N" of a
    * reused N would hand back the module loaded before under that name. */
-  mod->fd = fd;
-  if (mod->dl == NULL) {
+  if (g->dl == NULL) {
     const char *why = dlerror();
     const char *colon = why ? strstr(why, ": ") : NULL;
     rc = rp_error(err, RPCPLUGIN_EDLOPEN, "%s: cannot load module %s: %s",
@@ -249,129 +344,190 @@ int rpcplugin_module_load(rpcplugin_runtime *rt, const rpcplugin_manifest *m,
     goto fail;
   }
   dlerror();
-  *(void **)&entry = dlsym(mod->dl, RPCPLUGIN_ENTRY_NAME);
+  *(void **)&entry = dlsym(g->dl, RPCPLUGIN_ENTRY_NAME);
   if (entry == NULL) {
     rc = rp_error(err, RPCPLUGIN_ENOSYM,
                   "%s: no entry point %s in module %s",
                   rpcplugin_manifest_path(m), RPCPLUGIN_ENTRY_NAME, path);
     goto fail;
   }
-  mod->api = entry();
-  rc = check_header(mod->api, path, err);
+  g->api = entry();
+  rc = check_header(g->api, path, err);
   if (rc) goto fail;
   {
     int mmaj, mmin;
     rpcplugin_manifest_abi_version(m, &mmaj, &mmin);
-    if (mmaj != mod->api->abi_major) {
+    if (mmaj != g->api->abi_major) {
       rc = rp_error(err, RPCPLUGIN_EABI,
                     "%s: field \"abi_version\" says %d.%d but module %s is "
                     "ABI %d.%d",
                     rpcplugin_manifest_path(m), mmaj, mmin, path,
-                    (int)mod->api->abi_major, (int)mod->api->abi_minor);
+                    (int)g->api->abi_major, (int)g->api->abi_minor);
       goto fail;
     }
   }
 
-  mod->binding = rp_runtime_bind(rt, mod);
-  if (mod->binding == NULL) {
+  nnames = rpcplugin_manifest_service_count(m);
+  g->names = calloc(nnames ? nnames : 1, sizeof *g->names);
+  names = calloc(nnames ? nnames : 1, sizeof *names);
+  if (g->names == NULL || names == NULL) {
     rc = rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
     goto fail;
   }
-  rp_runtime_fill_host_api(mod->binding, &host);
+  for (i = 0; i < nnames; i++) {
+    names[i] = rpcplugin_manifest_service_name(m, i);
+    if ((g->names[i] = strdup(names[i])) == NULL) {
+      rc = rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
+      goto fail;
+    }
+    g->nnames = i + 1;
+  }
+
+  g->binding = rp_runtime_bind(rt, mod);
+  if (g->binding == NULL) {
+    rc = rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
+    goto fail;
+  }
+  if (staged) rp_runtime_stage(g->binding);
+  rp_runtime_fill_host_api(g->binding, &host);
   msg[0] = '\0';
-  rc = mod->api->init(&host, rpcplugin_manifest_config_json(m), &mod->inst,
-                      msg, sizeof msg);
+  rc = g->api->init(&host, rpcplugin_manifest_config_json(m), &g->inst, msg,
+                    sizeof msg);
   if (rc != 0) {
+    g->inst = NULL;
     rc = rp_error(err, rc, "%s: module %s: %s", rpcplugin_manifest_path(m),
                   path, msg[0] ? msg : rpcplugin_strerror(rc));
     goto fail;
   }
-
-  nnames = rpcplugin_manifest_service_count(m);
-  names = calloc(nnames ? nnames : 1, sizeof *names);
-  if (names == NULL) {
-    rc = rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
-    goto fail;
-  }
-  for (i = 0; i < nnames; i++) names[i] = rpcplugin_manifest_service_name(m, i);
   msg[0] = '\0';
-  rc = mod->api->register_services(mod->inst, names, nnames, msg, sizeof msg);
-  free(names);
-  names = NULL;
+  rc = g->api->register_services(g->inst, names, nnames, msg, sizeof msg);
   if (rc != 0) {
     rc = rp_error(err, rc, "%s: module %s cannot register its services: %s",
                   rpcplugin_manifest_path(m), path,
                   msg[0] ? msg : rpcplugin_strerror(rc));
     goto fail;
   }
+  free(names);
+  names = NULL;
   if (rp_runtime_started(rt)) {
-    rc = rp_module_start(mod);
+    rc = gen_start(g);
     if (rc != 0) {
       rc = rp_error(err, rc, "%s: module %s failed to start: %s",
                     rpcplugin_manifest_path(m), path, rpcplugin_strerror(rc));
       goto fail;
     }
   }
-  rp_runtime_add_module(rt, mod);
-  rp_runtime_log(rt, RPCPLUGIN_LOG_DEBUG, "rpcplugin: loaded %s (%s %s)", path,
-                 mod->api->name ? mod->api->name : "?",
-                 mod->api->version ? mod->api->version : "?");
-  *out = mod;
+  *out = g;
   return 0;
 
 fail:
   free(names);
-  if (mod->binding) rp_runtime_unroute(mod->binding);
-  if (mod->inst) {
-    mod->api->shutdown(mod->inst);
-    mod->api->destroy(mod->inst);
-  }
-  if (mod->binding) rp_runtime_unbind(mod->binding);
-  if (mod->dl) dlclose(mod->dl);
-  close(mod->fd);
-  free(mod->path);
-  free(mod);
+  gen_discard(g);
   return rc;
+}
+
+int rpcplugin_module_load(rpcplugin_runtime *rt, const rpcplugin_manifest *m,
+                          const rpcplugin_load_options *opts,
+                          rpcplugin_module **out, rpcplugin_error *err) {
+  rpcplugin_module *mod;
+  rp_gen *g;
+  int rc;
+
+  rp_error_clear(err);
+  if (rt == NULL || m == NULL || out == NULL)
+    return rp_error(err, RPCPLUGIN_EINVAL,
+                    "rpcplugin_module_load: runtime, manifest and out needed");
+  *out = NULL;
+  mod = calloc(1, sizeof *mod);
+  if (mod == NULL) return rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
+  mod->rt = rt;
+  mod->services = rpcplugin_manifest_services(m);
+  mod->app = rpcplugin_manifest_is_application(m);
+  pthread_mutex_init(&mod->mu, NULL);
+  pthread_cond_init(&mod->cv, NULL);
+  rc = gen_load(rt, mod, m, opts, 0, &g, err);
+  if (rc != 0) {
+    pthread_cond_destroy(&mod->cv);
+    pthread_mutex_destroy(&mod->mu);
+    free(mod);
+    return rc;
+  }
+  mod->cur = g;
+  rp_runtime_add_module(rt, mod);
+  rp_runtime_log(rt, RPCPLUGIN_LOG_DEBUG, "rpcplugin: loaded %s (%s %s)",
+                 g->path, g->api->name ? g->api->name : "?",
+                 g->api->version ? g->api->version : "?");
+  *out = mod;
+  return 0;
 }
 
 /* How long a module's handlers may take to finish its application calls
  * once they are cancelled and its shutdown returned. */
 #define MODULE_CALLS_WAIT_MS 5000
 
-int rp_module_shut(rpcplugin_module *mod) {
+static int gen_shut(rpcplugin_runtime *rt, rp_gen *g) {
   int rc;
   size_t left;
-  if (mod->shut) return 0;
-  rp_runtime_unroute(mod->binding);
+  if (g->shut) return 0;
+  rp_runtime_unroute(g->binding);
   /* Its application calls end (on_cancel runs); its shutdown then finishes
    * whatever it still holds. */
-  rp_runtime_cancel_calls(mod->binding);
-  rc = mod->api->shutdown(mod->inst);
+  rp_runtime_cancel_calls(g->binding);
+  rc = g->api->shutdown(g->inst);
   if (rc != 0) return rc;
-  mod->shut = 1;
-  left = rp_runtime_wait_calls(mod->binding, MODULE_CALLS_WAIT_MS);
+  g->shut = 1;
+  left = rp_runtime_wait_calls(g->binding, MODULE_CALLS_WAIT_MS);
   if (left > 0) {
     /* Its handlers still own calls whose callbacks would run its code:
      * keep it loaded rather than unmap code that may still run. */
-    mod->keep_loaded = 1;
-    rp_runtime_log(mod->rt, RPCPLUGIN_LOG_ERROR,
+    g->keep_loaded = 1;
+    rp_runtime_log(rt, RPCPLUGIN_LOG_ERROR,
                    "rpcplugin: module %s did not finish %zu application "
                    "calls after its shutdown; it stays loaded",
-                   mod->path, left);
+                   g->path, left);
   }
   return 0;
 }
 
-int rp_module_is_shut(const rpcplugin_module *mod) { return mod->shut; }
+static void gen_free(rpcplugin_runtime *rt, rp_gen *g) {
+  gen_shut(rt, g);
+  if (g->keep_loaded) return; /* reported in gen_shut */
+  g->api->destroy(g->inst);
+  rp_runtime_unbind(g->binding);
+  dlclose(g->dl);
+  close(g->fd);
+  gen_free_names(g);
+  free(g->path);
+  free(g);
+}
+
+int rp_module_shut(rpcplugin_module *mod) {
+  /* A swap under way finishes first (the runtime's drain may come from
+   * another thread). */
+  pthread_mutex_lock(&mod->mu);
+  while (mod->swapping) pthread_cond_wait(&mod->cv, &mod->mu);
+  pthread_mutex_unlock(&mod->mu);
+  return gen_shut(mod->rt, mod->cur);
+}
+
+int rp_module_is_shut(const rpcplugin_module *mod) { return mod->cur->shut; }
+
+int rp_module_has_file(rpcplugin_module *mod, dev_t dev, ino_t ino) {
+  int found;
+  pthread_mutex_lock(&mod->mu);
+  found = (mod->cur && mod->cur->dev == dev && mod->cur->ino == ino) ||
+          (mod->old && mod->old->dev == dev && mod->old->ino == ino);
+  pthread_mutex_unlock(&mod->mu);
+  return found;
+}
 
 void rp_module_free(rpcplugin_module *mod) {
-  rp_module_shut(mod);
-  if (mod->keep_loaded) return; /* reported in rp_module_shut */
-  mod->api->destroy(mod->inst);
-  rp_runtime_unbind(mod->binding);
-  dlclose(mod->dl);
-  close(mod->fd);
-  free(mod->path);
+  rp_gen *g = mod->cur;
+  gen_shut(mod->rt, g);
+  if (g->keep_loaded) return; /* reported in gen_shut; the handle stays */
+  gen_free(mod->rt, g);
+  pthread_cond_destroy(&mod->cv);
+  pthread_mutex_destroy(&mod->mu);
   free(mod);
 }
 
@@ -379,7 +535,7 @@ int rpcplugin_module_unload(rpcplugin_module *mod) {
   rpcplugin_host_api host;
   int rc;
   if (mod == NULL) return RPCPLUGIN_EINVAL;
-  rp_runtime_fill_host_api(mod->binding, &host);
+  rp_runtime_fill_host_api(mod->cur->binding, &host);
   if (host.on_poller_thread(host.host_ctx)) return RPCPLUGIN_EWRONGTHREAD;
   rc = rp_module_shut(mod);
   if (rc != 0) return rc;
@@ -388,13 +544,202 @@ int rpcplugin_module_unload(rpcplugin_module *mod) {
   return 0;
 }
 
+/* ------------------------------------------------------------- swap */
+
+static double ms_since(const struct timespec *t0) {
+  struct timespec now;
+  clock_gettime(CLOCK_MONOTONIC, &now);
+  return (double)(now.tv_sec - t0->tv_sec) * 1e3 +
+         (double)(now.tv_nsec - t0->tv_nsec) / 1e6;
+}
+
+/* 1 when both name the same services (in any order). */
+static int same_services(const rp_gen *g, const rpcplugin_manifest *m) {
+  size_t i, j, n = rpcplugin_manifest_service_count(m);
+  if (n != g->nnames) return 0;
+  for (i = 0; i < n; i++) {
+    const char *s = rpcplugin_manifest_service_name(m, i);
+    for (j = 0; j < g->nnames; j++)
+      if (strcmp(g->names[j], s) == 0) break;
+    if (j == g->nnames) return 0;
+  }
+  return 1;
+}
+
+static void names_list(const char *const *names, size_t n, char *buf,
+                       size_t len) {
+  size_t i, used = 0;
+  buf[0] = '\0';
+  for (i = 0; i < n && used + 2 < len; i++) {
+    int k = snprintf(buf + used, len - used, "%s%s", i ? ", " : "", names[i]);
+    if (k < 0) break;
+    used += (size_t)k < len - used ? (size_t)k : len - used - 1;
+  }
+}
+
+/* Move the old generation's open streams and queued output to the new one
+ * (module API 1.2 handover), when both implement it. */
+static int gen_handover(rpcplugin_runtime *rt, rp_gen *old, rp_gen *g) {
+  rpcplugin_handover h;
+  char msg[256];
+  int rc;
+  if (!RPCPLUGIN_MODULE_HAS(old->api, handover_out) ||
+      !RPCPLUGIN_MODULE_HAS(old->api, handover_done) ||
+      !RPCPLUGIN_MODULE_HAS(g->api, handover_in))
+    return RPCPLUGIN_EUNSUPPORTED;
+  memset(&h, 0, sizeof h);
+  h.struct_size = sizeof h;
+  rc = old->api->handover_out(old->inst, &h);
+  if (rc != 0) return rc;
+  msg[0] = '\0';
+  rc = g->api->handover_in(g->inst, &h, msg, sizeof msg);
+  if (rc != 0)
+    rp_runtime_log(rt, RPCPLUGIN_LOG_ERROR,
+                   "rpcplugin: swap: module %s did not take everything over: "
+                   "%s",
+                   g->path, msg[0] ? msg : rpcplugin_strerror(rc));
+  old->api->handover_done(old->inst, &h);
+  return rc;
+}
+
+int rpcplugin_module_swap(rpcplugin_module *mod, const rpcplugin_manifest *m,
+                          const rpcplugin_load_options *opts,
+                          rpcplugin_swap_info *info, rpcplugin_error *err) {
+  rpcplugin_runtime *rt;
+  rp_gen *old, *g;
+  struct timespec t0, t1;
+  rpcplugin_swap_info si;
+  int rc;
+
+  rp_error_clear(err);
+  memset(&si, 0, sizeof si);
+  if (mod == NULL || m == NULL)
+    return rp_error(err, RPCPLUGIN_EINVAL,
+                    "rpcplugin_module_swap: module and manifest needed");
+  rt = mod->rt;
+  if (rp_runtime_on_poller(rt))
+    return rp_error(err, RPCPLUGIN_EWRONGTHREAD,
+                    "rpcplugin_module_swap: not on a poller thread");
+  if (rp_runtime_stopping(rt))
+    return rp_error(err, RPCPLUGIN_ESHUTDOWN,
+                    "%s: cannot swap: the plugin is shutting down",
+                    rpcplugin_manifest_path(m));
+  pthread_mutex_lock(&mod->mu);
+  if (mod->swapping) {
+    pthread_mutex_unlock(&mod->mu);
+    return rp_error(err, RPCPLUGIN_ESTATE,
+                    "%s: cannot swap: another swap of this module is under way",
+                    rpcplugin_manifest_path(m));
+  }
+  mod->swapping = 1;
+  old = mod->cur;
+  pthread_mutex_unlock(&mod->mu);
+
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  if (rpcplugin_manifest_is_application(m) != mod->app ||
+      rpcplugin_manifest_services(m) != mod->services ||
+      !same_services(old, m)) {
+    char was[512], now[512];
+    const char **nn = calloc(rpcplugin_manifest_service_count(m) + 1,
+                             sizeof *nn);
+    size_t i;
+    for (i = 0; nn && i < rpcplugin_manifest_service_count(m); i++)
+      nn[i] = rpcplugin_manifest_service_name(m, i);
+    names_list((const char *const *)old->names, old->nnames, was, sizeof was);
+    names_list(nn, nn ? rpcplugin_manifest_service_count(m) : 0, now,
+               sizeof now);
+    free(nn);
+    rc = rp_error(err, RPCPLUGIN_EMANIFEST,
+                  "%s: cannot swap: it names other services than the module "
+                  "serving now (serving: %s; manifest: %s); a swap keeps "
+                  "the same services",
+                  rpcplugin_manifest_path(m), was, now);
+    goto out;
+  }
+  /* 1. The new implementation, loaded and started beside the old one; its
+   * routes wait.  A failure here leaves the old one untouched. */
+  rc = gen_load(rt, mod, m, opts, 1, &g, err);
+  if (rc != 0) goto out;
+  si.load_ms = ms_since(&t0);
+
+  /* 2. The switch: new calls reach the new instance, host threads' entries
+   * go to it, and the old one hands over its open streams. */
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  pthread_mutex_lock(&mod->mu);
+  mod->old = old;
+  mod->cur = g;
+  pthread_mutex_unlock(&mod->mu);
+  rp_runtime_commit_routes(old->binding, g->binding);
+  si.handover = gen_handover(rt, old, g);
+  si.switch_ms = ms_since(&t1);
+
+  /* 3. The old one retires: its application calls in flight finish (up to
+   * MODULE_CALLS_WAIT_MS), then it shuts down (what it still holds ends as
+   * at a shutdown), host threads still inside its entries leave (they are
+   * answered RPCPLUGIN_ESHUTDOWN and go again to the new one), and it is
+   * destroyed and dlclosed. */
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  si.calls_left = rp_runtime_wait_calls(old->binding, MODULE_CALLS_WAIT_MS);
+  gen_shut(rt, old);
+  pthread_mutex_lock(&mod->mu);
+  while (old->users > 0) pthread_cond_wait(&mod->cv, &mod->mu);
+  pthread_mutex_unlock(&mod->mu);
+  gen_free(rt, old);
+  pthread_mutex_lock(&mod->mu);
+  mod->old = NULL;
+  mod->swaps++;
+  pthread_mutex_unlock(&mod->mu);
+  si.retire_ms = ms_since(&t1);
+  si.total_ms = ms_since(&t0);
+  rp_runtime_log(rt, RPCPLUGIN_LOG_DEBUG,
+                 "rpcplugin: swapped %s for %s in %.3f ms (switch %.3f ms)",
+                 old == g ? "?" : "the old module", g->path, si.total_ms,
+                 si.switch_ms);
+  rc = 0;
+out:
+  pthread_mutex_lock(&mod->mu);
+  mod->swapping = 0;
+  pthread_cond_broadcast(&mod->cv);
+  pthread_mutex_unlock(&mod->mu);
+  if (info && info->struct_size) {
+    size_t n = info->struct_size < sizeof si ? info->struct_size : sizeof si;
+    si.struct_size = info->struct_size;
+    memcpy(info, &si, n);
+  }
+  return rc;
+}
+
+/* --------------------------------------------- entries through the handle */
+
+/* The current generation, held: a swap does not retire it before
+ * gen_leave. */
+static rp_gen *gen_enter(rpcplugin_module *mod) {
+  rp_gen *g;
+  pthread_mutex_lock(&mod->mu);
+  g = mod->cur;
+  g->users++;
+  pthread_mutex_unlock(&mod->mu);
+  return g;
+}
+
+/* Returns 1 when a swap replaced g meanwhile (an RPCPLUGIN_ESHUTDOWN from
+ * g then means "go again", not "the plugin stops"). */
+static int gen_leave(rpcplugin_module *mod, rp_gen *g) {
+  int moved;
+  pthread_mutex_lock(&mod->mu);
+  moved = mod->cur != g;
+  if (--g->users == 0) pthread_cond_broadcast(&mod->cv);
+  pthread_mutex_unlock(&mod->mu);
+  return moved;
+}
+
 const rpcplugin_module_api *rpcplugin_module_api_of(
     const rpcplugin_module *mod) {
-  return mod->api;
+  return mod->cur->api;
 }
 
 void *rpcplugin_module_instance(const rpcplugin_module *mod) {
-  return mod->inst;
+  return mod->cur->inst;
 }
 
 unsigned rpcplugin_module_services_of(const rpcplugin_module *mod) {
@@ -402,16 +747,91 @@ unsigned rpcplugin_module_services_of(const rpcplugin_module *mod) {
 }
 
 const char *rpcplugin_module_path(const rpcplugin_module *mod) {
-  return mod->path;
+  return mod->cur->path;
+}
+
+unsigned long rpcplugin_module_swaps(rpcplugin_module *mod) {
+  unsigned long n;
+  pthread_mutex_lock(&mod->mu);
+  n = mod->swaps;
+  pthread_mutex_unlock(&mod->mu);
+  return n;
 }
 
 int rpcplugin_module_put_line(rpcplugin_module *mod, int channel,
                               const void *data, size_t len) {
-  if (!RPCPLUGIN_MODULE_HAS(mod->api, put_line)) return RPCPLUGIN_EUNSUPPORTED;
-  return mod->api->put_line(mod->inst, channel, data, len);
+  for (;;) {
+    rp_gen *g = gen_enter(mod);
+    int rc = RPCPLUGIN_MODULE_HAS(g->api, put_line)
+                 ? g->api->put_line(g->inst, channel, data, len)
+                 : RPCPLUGIN_EUNSUPPORTED;
+    if (gen_leave(mod, g) && rc == RPCPLUGIN_ESHUTDOWN) continue;
+    return rc;
+  }
 }
 
 int rpcplugin_module_get_stats(rpcplugin_module *mod, rpcplugin_stats *out) {
-  if (!RPCPLUGIN_MODULE_HAS(mod->api, get_stats)) return RPCPLUGIN_EUNSUPPORTED;
-  return mod->api->get_stats(mod->inst, out);
+  rp_gen *g = gen_enter(mod);
+  int rc = RPCPLUGIN_MODULE_HAS(g->api, get_stats)
+               ? g->api->get_stats(g->inst, out)
+               : RPCPLUGIN_EUNSUPPORTED;
+  gen_leave(mod, g);
+  return rc;
+}
+
+int rpcplugin_module_broker_advertise(rpcplugin_module *mod,
+                                      uint32_t service_id,
+                                      const char *network,
+                                      const char *address) {
+  for (;;) {
+    rp_gen *g = gen_enter(mod);
+    int rc = RPCPLUGIN_MODULE_HAS(g->api, broker_advertise)
+                 ? g->api->broker_advertise(g->inst, service_id, network,
+                                            address)
+                 : RPCPLUGIN_EUNSUPPORTED;
+    if (gen_leave(mod, g) && rc == RPCPLUGIN_ESHUTDOWN) continue;
+    return rc;
+  }
+}
+
+/* Milliseconds left of timeout_ms since t0 (negative timeouts stay). */
+static int time_left(int timeout_ms, const struct timespec *t0) {
+  double left;
+  if (timeout_ms < 0) return timeout_ms;
+  left = (double)timeout_ms - ms_since(t0);
+  return left > 0 ? (int)left : 0;
+}
+
+int rpcplugin_module_broker_wait_advertised(rpcplugin_module *mod,
+                                            uint32_t service_id,
+                                            int timeout_ms,
+                                            rpcplugin_conn_info *out) {
+  struct timespec t0;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  for (;;) {
+    rp_gen *g = gen_enter(mod);
+    int rc = RPCPLUGIN_MODULE_HAS(g->api, broker_wait_advertised)
+                 ? g->api->broker_wait_advertised(
+                       g->inst, service_id, time_left(timeout_ms, &t0), out)
+                 : RPCPLUGIN_EUNSUPPORTED;
+    if (gen_leave(mod, g) && rc == RPCPLUGIN_ESHUTDOWN) continue;
+    return rc;
+  }
+}
+
+int rpcplugin_module_broker_knock(rpcplugin_module *mod, uint32_t service_id,
+                                  const char *network, const char *address,
+                                  int timeout_ms, char *err, size_t errlen) {
+  struct timespec t0;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  for (;;) {
+    rp_gen *g = gen_enter(mod);
+    int rc = RPCPLUGIN_MODULE_HAS(g->api, broker_knock)
+                 ? g->api->broker_knock(g->inst, service_id, network, address,
+                                        time_left(timeout_ms, &t0), err,
+                                        errlen)
+                 : RPCPLUGIN_EUNSUPPORTED;
+    if (gen_leave(mod, g) && rc == RPCPLUGIN_ESHUTDOWN) continue;
+    return rc;
+  }
 }

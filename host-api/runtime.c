@@ -104,14 +104,36 @@ typedef struct rt_app_route {
   struct rt_app_route *next;
 } rt_app_route;
 
+/* A route a binding asked for while it is staged (a swap's new instance):
+ * applied by rp_runtime_commit_routes. */
+typedef struct rt_staged {
+  rt_method *m;
+  rpcplugin_call_handler handler;
+  void *handler_ctx;
+  struct rt_staged *next;
+} rt_staged;
+
 struct rp_binding {
   rpcplugin_runtime *rt;
   rpcplugin_module *mod;
   int inflight; /* handler calls running now */
+  int staged;   /* routes wait in `pending` until the commit */
+  rt_staged *pending;
   rp_callset calls;    /* the module's application calls */
   rt_app_route *apps;  /* its application routes, freed with it */
   rp_binding *next;
 };
+
+/* A relay (rpcplugin.h): the runtime's tag, forwarding to a target that a
+ * handover can change.  All relays of a runtime share rt->relay_mu. */
+typedef struct rt_relay {
+  rpcplugin_relay pub; /* first: the C core's tag is &pub.tag */
+  rpcplugin_runtime *rt;
+  rpcplugin_tag *target; /* NULL: detached */
+  int running;           /* callbacks into target running now */
+  int kept, kept_ok;     /* a completion that came while detached */
+  struct rt_relay *prev, *next;
+} rt_relay;
 
 typedef struct rt_mod_node {
   rpcplugin_module *mod;
@@ -142,6 +164,9 @@ struct rpcplugin_runtime {
   rp_callset host_calls;    /* application calls of the host's own methods */
   rt_app_route *host_apps;  /* their routes */
   char *tls_cert, *tls_key, *tls_peer; /* AutoMTLS, copied from opts */
+  pthread_mutex_t relay_mu; /* relays: targets, running, the list */
+  pthread_cond_t relay_cv;  /* a relay's running dropped to 0 */
+  rt_relay *relays;         /* live relays (freed at destroy if left) */
   void **desc;              /* descriptor sets for reflection */
   size_t *desc_len;
   size_t ndesc;
@@ -365,6 +390,31 @@ static int add_route(rpcplugin_runtime *rt, rp_binding *owner,
                     "and a kind from 0 to 3");
   pthread_mutex_lock(&rt->mu);
   m = find_method(rt, path);
+  if (m && owner && owner->staged) {
+    /* A swap's new instance: the method may be served by the old one;
+     * the route waits for the commit. */
+    rt_staged *st;
+    for (st = owner->pending; st; st = st->next)
+      if (st->m == m) break;
+    if (st)
+      rc = rp_error(err, RPCPLUGIN_EEXIST,
+                    "method %s was already added by this instance", path);
+    else if (m->kind != kind)
+      rc = rp_error(err, RPCPLUGIN_EINVAL,
+                    "method %s was registered with kind %d, not %d", path,
+                    m->kind, kind);
+    else if ((st = calloc(1, sizeof *st)) == NULL)
+      rc = rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
+    else {
+      st->m = m;
+      st->handler = handler;
+      st->handler_ctx = hctx;
+      st->next = owner->pending;
+      owner->pending = st;
+    }
+    pthread_mutex_unlock(&rt->mu);
+    return rc;
+  }
   if (m) {
     if (m->handler)
       rc = rp_error(err, RPCPLUGIN_EEXIST,
@@ -600,21 +650,16 @@ static int host_broker_dial(void *host_ctx, uint32_t id, int timeout_ms,
   *out = NULL;
   if (tls_poller != NULL) return RPCPLUGIN_EWRONGTHREAD;
   {
-    const rpcplugin_module_api *api = NULL;
-    void *inst = NULL;
-    /* The module list changes only on control threads; look the broker up
-     * under the lock, call it without. */
+    rpcplugin_module *bm = NULL;
+    /* The module list changes only on control threads; find the broker's
+     * module under the lock, call it (through its handle, which follows
+     * swaps) without. */
     pthread_mutex_lock(&rt->mu);
-    for (n = rt->modules; n && api == NULL; n = n->next) {
-      const rpcplugin_module_api *a = rpcplugin_module_api_of(n->mod);
-      if (RPCPLUGIN_MODULE_HAS(a, broker_wait_advertised) &&
-          (rpcplugin_module_services_of(n->mod) & RPCPLUGIN_SVC_BROKER)) {
-        api = a;
-        inst = rpcplugin_module_instance(n->mod);
-      }
-    }
+    for (n = rt->modules; n && bm == NULL; n = n->next)
+      if (rpcplugin_module_services_of(n->mod) & RPCPLUGIN_SVC_BROKER)
+        bm = n->mod;
     pthread_mutex_unlock(&rt->mu);
-    if (api) rc = api->broker_wait_advertised(inst, id, timeout_ms, &info);
+    if (bm) rc = rpcplugin_module_broker_wait_advertised(bm, id, timeout_ms, &info);
   }
   if (rc != 0) {
     if (errbuf && errlen)
@@ -672,6 +717,116 @@ static int host_on_poller_thread(void *host_ctx) {
   return tls_poller != NULL;
 }
 
+/* ------------------------------------------------------------- relays */
+
+static void relay_done(rpcplugin_tag *t, int ok) {
+  rt_relay *r = (rt_relay *)t;
+  rpcplugin_runtime *rt = r->rt;
+  rpcplugin_tag *target;
+  pthread_mutex_lock(&rt->relay_mu);
+  target = r->target;
+  if (target == NULL) {
+    r->kept = 1;
+    r->kept_ok = ok;
+    pthread_mutex_unlock(&rt->relay_mu);
+    return;
+  }
+  r->running++;
+  pthread_mutex_unlock(&rt->relay_mu);
+  target->on_done(target, ok);
+  /* The target may have freed the relay meanwhile (relay_free from its own
+   * callback): then it is freed here, once nothing runs through it. */
+  pthread_mutex_lock(&rt->relay_mu);
+  if (--r->running == 0) {
+    pthread_cond_broadcast(&rt->relay_cv);
+    if (r->kept == -1) {
+      pthread_mutex_unlock(&rt->relay_mu);
+      if (r->pub.recv_message) grpc_byte_buffer_destroy(r->pub.recv_message);
+      free(r);
+      return;
+    }
+  }
+  pthread_mutex_unlock(&rt->relay_mu);
+}
+
+static rpcplugin_relay *host_relay_new(void *host_ctx, rpcplugin_tag *target) {
+  rp_binding *b = host_ctx;
+  rpcplugin_runtime *rt = b->rt;
+  rt_relay *r = calloc(1, sizeof *r);
+  if (r == NULL) return NULL;
+  r->pub.tag.on_done = relay_done;
+  r->rt = rt;
+  r->target = target;
+  pthread_mutex_lock(&rt->relay_mu);
+  r->next = rt->relays;
+  if (rt->relays) rt->relays->prev = r;
+  rt->relays = r;
+  pthread_mutex_unlock(&rt->relay_mu);
+  return &r->pub;
+}
+
+static void host_relay_retarget(void *host_ctx, rpcplugin_relay *pub,
+                                rpcplugin_tag *target) {
+  rt_relay *r = (rt_relay *)pub;
+  rpcplugin_runtime *rt = r->rt;
+  int deliver = 0, ok = 0;
+  (void)host_ctx;
+  pthread_mutex_lock(&rt->relay_mu);
+  if (target == NULL) {
+    r->target = NULL;
+    /* The old target's code must not be running when the caller goes on
+     * (it may be unloaded next). */
+    while (r->running > 0) pthread_cond_wait(&rt->relay_cv, &rt->relay_mu);
+  } else {
+    r->target = target;
+    if (r->kept) {
+      r->kept = 0;
+      ok = r->kept_ok;
+      deliver = 1;
+      r->running++;
+    }
+  }
+  pthread_mutex_unlock(&rt->relay_mu);
+  if (deliver) {
+    int gone = 0;
+    target->on_done(target, ok);
+    pthread_mutex_lock(&rt->relay_mu);
+    if (--r->running == 0) {
+      pthread_cond_broadcast(&rt->relay_cv);
+      gone = r->kept == -1;
+    }
+    pthread_mutex_unlock(&rt->relay_mu);
+    if (gone) {
+      if (r->pub.recv_message) grpc_byte_buffer_destroy(r->pub.recv_message);
+      free(r);
+    }
+  }
+}
+
+static void host_relay_free(void *host_ctx, rpcplugin_relay *pub) {
+  rt_relay *r = (rt_relay *)pub;
+  rpcplugin_runtime *rt;
+  (void)host_ctx;
+  if (r == NULL) return;
+  rt = r->rt;
+  pthread_mutex_lock(&rt->relay_mu);
+  /* Freed from its own callback (the last batch of the call completed):
+   * relay_done still touches r, and frees it when that callback returns. */
+  if (r->prev) r->prev->next = r->next;
+  else rt->relays = r->next;
+  if (r->next) r->next->prev = r->prev;
+  r->prev = r->next = NULL;
+  r->target = NULL;
+  if (r->running > 0) {
+    r->kept = -1; /* freed by relay_done when its callback returns */
+    pthread_mutex_unlock(&rt->relay_mu);
+    return;
+  }
+  pthread_mutex_unlock(&rt->relay_mu);
+  if (r->pub.recv_message) grpc_byte_buffer_destroy(r->pub.recv_message);
+  free(r);
+}
+
 rp_binding *rp_runtime_bind(rpcplugin_runtime *rt, rpcplugin_module *mod) {
   rp_binding *b = calloc(1, sizeof *b);
   if (b == NULL) return NULL;
@@ -705,6 +860,32 @@ void rp_runtime_fill_host_api(rp_binding *b, rpcplugin_host_api *api) {
   api->broker_dial = host_broker_dial;
   api->broker_release = host_broker_release;
   api->unary_call = host_unary_call;
+  api->relay_new = host_relay_new;
+  api->relay_retarget = host_relay_retarget;
+  api->relay_free = host_relay_free;
+}
+
+int rp_runtime_on_poller(rpcplugin_runtime *rt) {
+  (void)rt;
+  return tls_poller != NULL;
+}
+
+int rp_runtime_stopping(rpcplugin_runtime *rt) {
+  int s;
+  pthread_mutex_lock(&rt->mu);
+  s = rt->state >= RT_DRAINING;
+  pthread_mutex_unlock(&rt->mu);
+  return s;
+}
+
+int rp_runtime_file_loaded(rpcplugin_runtime *rt, dev_t dev, ino_t ino) {
+  rt_mod_node *n;
+  int found = 0;
+  pthread_mutex_lock(&rt->mu);
+  for (n = rt->modules; n && !found; n = n->next)
+    found = rp_module_has_file(n->mod, dev, ino);
+  pthread_mutex_unlock(&rt->mu);
+  return found;
 }
 
 void rp_runtime_unroute(rp_binding *b) {
@@ -719,6 +900,43 @@ void rp_runtime_unroute(rp_binding *b) {
     }
   while (b->inflight > 0) pthread_cond_wait(&rt->cv, &rt->mu);
   pthread_mutex_unlock(&rt->mu);
+}
+
+void rp_runtime_stage(rp_binding *b) { b->staged = 1; }
+
+static void free_staged(rp_binding *b) {
+  while (b->pending) {
+    rt_staged *st = b->pending;
+    b->pending = st->next;
+    free(st);
+  }
+}
+
+size_t rp_runtime_commit_routes(rp_binding *old, rp_binding *b) {
+  rpcplugin_runtime *rt = b->rt;
+  rt_method *m;
+  rt_staged *st;
+  size_t n = 0;
+  pthread_mutex_lock(&rt->mu);
+  if (old)
+    for (m = rt->methods; m; m = m->next)
+      if (m->owner == old) {
+        m->owner = NULL;
+        m->handler = NULL;
+        m->handler_ctx = NULL;
+      }
+  for (st = b->pending; st; st = st->next) {
+    st->m->owner = b;
+    st->m->handler = st->handler;
+    st->m->handler_ctx = st->handler_ctx;
+    n++;
+  }
+  b->staged = 0;
+  free_staged(b);
+  /* Handlers already running in the old instance finish there. */
+  while (old && old->inflight > 0) pthread_cond_wait(&rt->cv, &rt->mu);
+  pthread_mutex_unlock(&rt->mu);
+  return n;
 }
 
 void rp_runtime_unbind(rp_binding *b) {
@@ -736,6 +954,7 @@ void rp_runtime_unbind(rp_binding *b) {
    * kept loaded (rp_module_free) and so is this. */
   rp_callset_destroy(&b->calls);
   free_app_routes(b->apps);
+  free_staged(b);
   free(b);
 }
 
@@ -796,6 +1015,8 @@ int rpcplugin_runtime_create(const rpcplugin_runtime_options *opts,
   rt->server = opts->server;
   pthread_mutex_init(&rt->mu, NULL);
   rp_cond_init_monotonic(&rt->cv);
+  pthread_mutex_init(&rt->relay_mu, NULL);
+  pthread_cond_init(&rt->relay_cv, NULL);
   rt->shutdown_tag.on_done = shutdown_tag_done;
   rp_callset_init(&rt->host_calls, log_to_runtime, rt);
   /* The options' strings are the caller's: keep copies. */
@@ -1157,6 +1378,16 @@ void rpcplugin_runtime_destroy(rpcplugin_runtime *rt) {
   free(rt->tls_cert);
   free(rt->tls_key);
   free(rt->tls_peer);
+  /* Relays nobody freed (a module that leaked them): no batch is pending
+   * any more, so they can go. */
+  while (rt->relays) {
+    rt_relay *r = rt->relays;
+    rt->relays = r->next;
+    if (r->pub.recv_message) grpc_byte_buffer_destroy(r->pub.recv_message);
+    free(r);
+  }
+  pthread_cond_destroy(&rt->relay_cv);
+  pthread_mutex_destroy(&rt->relay_mu);
   grpc_completion_queue_destroy(rt->cq);
   pthread_cond_destroy(&rt->cv);
   pthread_mutex_destroy(&rt->mu);

@@ -93,7 +93,7 @@
 #endif
 
 enum { NET_UNIX, NET_TCP };
-enum { R_NONE, R_SHUTDOWN, R_SIGNAL, R_CHILD };
+enum { R_NONE, R_SHUTDOWN, R_SIGNAL, R_CHILD, R_SWAP };
 
 static struct {
   /* options */
@@ -113,6 +113,7 @@ static struct {
   gid_t sock_gid; /* PLUGIN_UNIX_SOCKET_GROUP */
   int has_sock_gid;
   const char *manifest_path;
+  const char *swap_to; /* --swap-to MANIFEST2, or NULL */
   char **command;
 
   /* state */
@@ -122,6 +123,10 @@ static struct {
   int fallback;           /* manifest without stdio: pipes go to orig fds */
   int sig_fd, wake_fd;
   rpcplugin_module *mod;
+  rpcplugin_module *swap_mod; /* what SIGHUP swaps: the application's
+                                 module, else the infrastructure's */
+  rpcplugin_load_options *load_opts;
+  unsigned long swap_count;
   host_pipes *pipes;
   pid_t child; /* 0: none */
   int child_reaped;
@@ -186,10 +191,14 @@ static void usage(FILE *f) {
 "services next to those of the manifest its \"infrastructure\" names, as a\n"
 "go-plugin plugin: check the magic cookie, negotiate the protocol version,\n"
 "listen, print the handshake line on stdout, then forward this process's\n"
-"stdout/stderr, and COMMAND's, to the client through GRPCStdio.  Exits 0 after Shutdown, SIGTERM, SIGHUP or (by\n"
-"default) the end of COMMAND.  SIGINT is ignored, as go-plugin's own plugins\n"
-"do: Ctrl-C reaches the whole process group and the client stops its plugins\n"
-"itself.\n"
+"stdout/stderr, and COMMAND's, to the client through GRPCStdio.  Exits 0 after\n"
+"Shutdown, SIGTERM or (by default) the end of COMMAND.  SIGINT is ignored, as\n"
+"go-plugin's own plugins do: Ctrl-C reaches the whole process group and the\n"
+"client stops its plugins itself.  SIGHUP swaps the implementation live (the\n"
+"application's module with an application MANIFEST, else the infrastructure\n"
+"module): to MANIFEST2 and back with --swap-to, else to MANIFEST as it is on\n"
+"disk now (a rebuilt module is picked up); clients see no interruption, and\n"
+"each swap is logged on stderr with its outcome and duration.\n"
 "\n"
 "Options (before MANIFEST):\n"
 "  --magic-cookie KEY=VALUE  refuse to run (exit 1) unless the environment\n"
@@ -209,6 +218,8 @@ static void usage(FILE *f) {
 "  --ignore-sigint           ignore SIGINT (the default; kept for scripts)\n"
 "  --no-reflection           do not serve gRPC server reflection\n"
 "                            (grpc.reflection.v1alpha, served by default)\n"
+"  --swap-to MANIFEST2       SIGHUP alternates between MANIFEST and MANIFEST2\n"
+"                            (same services; default: SIGHUP reloads MANIFEST)\n"
 "  --poll-threads N          threads that run the handlers (default 4 with an\n"
 "                            application manifest, else 1)\n"
 "  --full-teardown           before exiting, also unload the module, destroy\n"
@@ -281,7 +292,8 @@ static int parse_args(int argc, char **argv) {
     O_SIGINT,
     O_TEARDOWN,
     O_NOREFL,
-    O_POLLERS
+    O_POLLERS,
+    O_SWAPTO
   };
   static const struct option longopts[] = {
       {"magic-cookie", required_argument, NULL, O_COOKIE},
@@ -296,6 +308,7 @@ static int parse_args(int argc, char **argv) {
       {"full-teardown", no_argument, NULL, O_TEARDOWN},
       {"no-reflection", no_argument, NULL, O_NOREFL},
       {"poll-threads", required_argument, NULL, O_POLLERS},
+      {"swap-to", required_argument, NULL, O_SWAPTO},
       {"verbose", no_argument, NULL, 'v'},
       {"help", no_argument, NULL, 'h'},
       {"version", no_argument, NULL, 'V'},
@@ -384,6 +397,9 @@ static int parse_args(int argc, char **argv) {
           return 2;
         }
         H.poll_threads = v;
+        break;
+      case O_SWAPTO:
+        H.swap_to = optarg;
         break;
       case 'v':
         if (H.log_level < RPCPLUGIN_LOG_DEBUG) H.log_level++;
@@ -878,9 +894,38 @@ static void log_stats(void) {
       (unsigned long long)st.broker_messages_in);
 }
 
+/* SIGHUP: swap the implementation (rpcplugin_module_swap) to the next
+ * manifest, read from disk now.  A failure keeps the old one serving. */
+static void swap_now(void) {
+  const char *path = H.swap_to && (H.swap_count % 2 == 0) ? H.swap_to
+                                                          : H.manifest_path;
+  rpcplugin_manifest *m = NULL;
+  rpcplugin_swap_info si;
+  rpcplugin_error err;
+  int64_t t0 = now_us();
+  memset(&si, 0, sizeof si);
+  si.struct_size = sizeof si;
+  if (rpcplugin_manifest_load(path, &m, &err) != 0 ||
+      rpcplugin_module_swap(H.swap_mod, m, H.load_opts, &si, &err) != 0) {
+    say("swap to %s failed after %.3f ms: %s; still serving %s", path,
+        (double)(now_us() - t0) / 1e3, err.message,
+        rpcplugin_module_path(H.swap_mod));
+    rpcplugin_manifest_free(m);
+    return;
+  }
+  H.swap_count++;
+  say("swap %lu to %s: ok in %.3f ms (load %.3f ms, switch %.3f ms, retire "
+      "%.3f ms%s)",
+      H.swap_count, path, si.total_ms, si.load_ms, si.switch_ms,
+      si.retire_ms,
+      si.handover == 0 ? ", streams handed over"
+                       : ", streams ended: no handover");
+  rpcplugin_manifest_free(m);
+}
+
 /* Read the signals that are pending; returns R_SIGNAL for one that stops
- * the host (SIGTERM, SIGHUP, SIGINT with --exit-on-sigint), else R_NONE.
- * SIGCHLD reaps. */
+ * the host (SIGTERM, SIGINT with --exit-on-sigint), else R_NONE.  SIGCHLD
+ * reaps, SIGHUP swaps. */
 static int read_signals(void) {
   struct signalfd_siginfo si;
   int reason = R_NONE;
@@ -888,6 +933,9 @@ static int read_signals(void) {
     switch (si.ssi_signo) {
       case SIGCHLD:
         reap();
+        break;
+      case SIGHUP:
+        swap_now();
         break;
       case SIGINT:
         if (!H.exit_on_sigint) {
@@ -1128,11 +1176,23 @@ int main(int argc, char **argv) {
   memset(&lo, 0, sizeof lo);
   lo.struct_size = sizeof lo;
   lo.search_path = H.module_paths;
+  H.load_opts = &lo;
   if (rpcplugin_runtime_create(&ro, &rt, &err) != 0 ||
       rpcplugin_module_load(rt, manifest, &lo, &H.mod, &err) != 0 ||
       (app && rpcplugin_module_load(rt, app, &lo, &app_mod, &err) != 0)) {
     early("%s", err.message);
     goto fail;
+  }
+  H.swap_mod = app ? app_mod : H.mod;
+  if (H.swap_to) {
+    /* Checked now, so that a typo shows at start and not at the first
+     * SIGHUP; it is read again at each swap. */
+    rpcplugin_manifest *m2 = NULL;
+    if (rpcplugin_manifest_load(H.swap_to, &m2, &err) != 0) {
+      early("--swap-to: %s", err.message);
+      goto fail;
+    }
+    rpcplugin_manifest_free(m2);
   }
   /* Server reflection (grpcurl-style tools), as go-plugin's servers have
    * it; registered before grpc_server_start. */

@@ -18,6 +18,8 @@
  * from there (examples/bidirectional does).
  */
 #include <errno.h>
+#include <stdatomic.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,17 +62,44 @@ static void reply(rpcplugin_call *call, const ProtobufCMessage *msg) {
   rpcplugin_call_finish(call, 0, NULL);
 }
 
+/* Two implementations from this file: kv.so writes the file in place (as
+ * go-plugin's example does); kv-atomic.so (built with KV_ATOMIC_WRITES)
+ * writes a temporary file and renames it over the old one, so that a
+ * reader never sees half a value.  Both read and write the same files: a
+ * live swap between them keeps every value. */
+#ifdef KV_ATOMIC_WRITES
+#define KV_IMPL "kv-atomic"
+#else
+#define KV_IMPL "kv"
+#endif
+
 static void do_put(rpcplugin_call *call, const Proto__PutRequest *req) {
-  char path[4096], msg[4200];
+  char path[4096], tmp[4200], msg[4300];
   FILE *f;
   Proto__Empty empty = PROTO__EMPTY__INIT;
+  static atomic_uint seq;
   snprintf(path, sizeof path, "kv_%s", req->key);
-  f = fopen(path, "wb");
-  if (f == NULL || fwrite(req->value.data, 1, req->value.len, f) !=
-                       req->value.len ||
-      fputs(SUFFIX, f) == EOF || fclose(f) != 0) {
+#ifdef KV_ATOMIC_WRITES
+  snprintf(tmp, sizeof tmp, ".%s.%ld.%u.tmp", path, (long)getpid(),
+           atomic_fetch_add(&seq, 1));
+#else
+  (void)seq;
+  snprintf(tmp, sizeof tmp, "%s", path);
+#endif
+  f = fopen(tmp, "wb");
+  if (f != NULL) {
+    int bad = fwrite(req->value.data, 1, req->value.len, f) !=
+                  req->value.len ||
+              fputs(SUFFIX, f) == EOF;
+    int e = errno;
+    if (fclose(f) != 0 || bad) {
+      if (bad) errno = e;
+      f = NULL;
+    }
+  }
+  if (f == NULL || (strcmp(tmp, path) != 0 && rename(tmp, path) != 0)) {
     snprintf(msg, sizeof msg, "open %s: %s", path, strerror(errno));
-    if (f) fclose(f);
+    if (strcmp(tmp, path) != 0) unlink(tmp);
     rpcplugin_call_finish(call, 2 /* UNKNOWN, as the Go plugin's error */,
                           msg);
     return;
@@ -207,7 +236,7 @@ static const rpcplugin_module_api kv_api = {
     .abi_minor = RPCPLUGIN_ABI_MINOR,
     .struct_size = sizeof(rpcplugin_module_api),
     .abi_tag = RPCPLUGIN_ABI_TAG,
-    .name = "kv",
+    .name = KV_IMPL,
     .version = "1.0",
     .init = kv_init,
     .register_services = kv_register,

@@ -260,6 +260,57 @@ unsigned rpcplugin_module_services_of(const rpcplugin_module *mod);
 int rpcplugin_module_put_line(rpcplugin_module *mod, int channel,
                               const void *data, size_t len);
 int rpcplugin_module_get_stats(rpcplugin_module *mod, rpcplugin_stats *out);
+/* The broker entries of rpcplugin_module_api, through the handle (they
+ * follow swaps).  (Added in 0.3.) */
+int rpcplugin_module_broker_advertise(rpcplugin_module *mod,
+                                      uint32_t service_id,
+                                      const char *network,
+                                      const char *address);
+int rpcplugin_module_broker_wait_advertised(rpcplugin_module *mod,
+                                            uint32_t service_id,
+                                            int timeout_ms,
+                                            rpcplugin_conn_info *out);
+int rpcplugin_module_broker_knock(rpcplugin_module *mod, uint32_t service_id,
+                                  const char *network, const char *address,
+                                  int timeout_ms, char *err, size_t errlen);
+
+/* ------------------------------------------------------------------ swap */
+
+/* What a swap did, for logs and benchmarks.  (Added in 0.3.) */
+typedef struct rpcplugin_swap_info {
+  size_t struct_size; /* the caller's sizeof(rpcplugin_swap_info) */
+  double load_ms;     /* load, check, init, register, start the new one */
+  double switch_ms;   /* routes and handle moved, streams handed over */
+  double retire_ms;   /* the old one drained, shut down and dlclosed */
+  double total_ms;
+  int handover;       /* 0: streams handed over; RPCPLUGIN_EUNSUPPORTED:
+                         one side lacks it (the old one's streams ended) */
+  size_t calls_left;  /* old application calls cancelled after the wait */
+} rpcplugin_swap_info;
+
+/*
+ * Replace the implementation behind mod with the one manifest m names,
+ * while the server serves (docs/abi.md, "Live swap").  Control thread, not
+ * a poller; one swap per module at a time (RPCPLUGIN_ESTATE).  m must name
+ * the same services as the manifest mod was loaded from (RPCPLUGIN_EMANIFEST
+ * otherwise).  The new file is loaded, checked, initialised, registered and
+ * started beside the old one (from a private copy when the same file is
+ * loaded already); any failure there returns its error naming the file
+ * and the reason, with the old instance serving untouched.  Then, at once:
+ * new calls reach the new instance, host threads' entries go to it (the
+ * handle stays valid; put_line and the broker entries never fail because
+ * of the swap), and the old one hands over its open streams, queued output
+ * and broker state (module ABI 1.2; without it, its streams end as at a
+ * shutdown).  Last, the old instance's application calls in flight finish
+ * (up to 5 s, then they are cancelled), it shuts down and is dlclosed.
+ * info (may be NULL) receives the timings.  (Added in 0.3.)
+ */
+int rpcplugin_module_swap(rpcplugin_module *mod, const rpcplugin_manifest *m,
+                          const rpcplugin_load_options *opts,
+                          rpcplugin_swap_info *info, rpcplugin_error *err);
+
+/* Swaps done on this handle. */
+unsigned long rpcplugin_module_swaps(rpcplugin_module *mod);
 
 #ifdef __cplusplus
 }

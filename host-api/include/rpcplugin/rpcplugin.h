@@ -77,7 +77,7 @@ extern "C" {
 #endif
 
 #define RPCPLUGIN_ABI_MAJOR 1
-#define RPCPLUGIN_ABI_MINOR 1
+#define RPCPLUGIN_ABI_MINOR 2
 
 /* "RPCP" read as a little-endian uint32. */
 #define RPCPLUGIN_MODULE_MAGIC 0x50435052u
@@ -285,6 +285,28 @@ static inline int rpcplugin_call_finish(rpcplugin_call *c, int status,
   return c->ops->finish(c, status, message);
 }
 
+/* -------------------------------------------------------------- relays */
+
+/*
+ * A relay (ABI 1.2) is a tag that belongs to the host, for the batches of a
+ * long-lived stream that may move to another module instance at a swap.
+ * The module gives &relay->tag to grpc_call_start_batch, points a
+ * GRPC_OP_RECV_MESSAGE at &relay->recv_message and a
+ * GRPC_OP_RECV_CLOSE_ON_SERVER at &relay->cancelled, and the host calls
+ * target->on_done(target, ok) when the batch completes.  At a handover the
+ * old instance detaches its relays (relay_retarget with NULL: it returns
+ * once no callback into the old target runs; a completion that arrives
+ * while detached is kept) and the new instance attaches its own targets
+ * (a kept completion is then delivered at once, on the attaching thread).
+ * A relay is freed (relay_free) by whoever owns it when no batch is pending
+ * on it.
+ */
+typedef struct rpcplugin_relay {
+  rpcplugin_tag tag;              /* the host's: give it to the C core */
+  grpc_byte_buffer *recv_message; /* GRPC_OP_RECV_MESSAGE writes here */
+  int cancelled;                  /* GRPC_OP_RECV_CLOSE_ON_SERVER writes here */
+} rpcplugin_relay;
+
 /* ------------------------------------------------------- host -> module */
 
 /*
@@ -380,6 +402,13 @@ typedef struct rpcplugin_host_api {
                     const void *req, size_t req_len, int timeout_ms,
                     void *resp, size_t resp_cap, size_t *resp_len, char *err,
                     size_t errlen);
+
+  /* ABI 1.2.  Relays (see "relays" above).  Any thread; relay_retarget
+   * with NULL must not be called from the target's own callback. */
+  rpcplugin_relay *(*relay_new)(void *host_ctx, rpcplugin_tag *target);
+  void (*relay_retarget)(void *host_ctx, rpcplugin_relay *relay,
+                         rpcplugin_tag *target);
+  void (*relay_free)(void *host_ctx, rpcplugin_relay *relay);
 } rpcplugin_host_api;
 
 /* --------------------------------------------------------------- stats */
@@ -421,6 +450,46 @@ typedef struct rpcplugin_conn_info {
   char network[16];  /* "unix" or "tcp" */
   char address[256]; /* NUL-terminated */
 } rpcplugin_conn_info;
+
+/* ------------------------------------------------------------ handover */
+
+/*
+ * At a swap (ABI 1.2), the old instance hands what a client must not lose
+ * to the new one: its open streams with their pending batches (as relays),
+ * the output it queued and did not send, and what its broker learned.  The
+ * old instance owns the memory until its handover_done.
+ */
+typedef struct rpcplugin_handover_stream {
+  const char *method;     /* "/plugin.GRPCStdio/StreamStdio", ... */
+  grpc_call *call;        /* one reference, passed on */
+  rpcplugin_relay *send;  /* a send batch in flight (detached), or NULL */
+  rpcplugin_relay *recv;  /* a receive in flight, or NULL */
+  rpcplugin_relay *close; /* the RECV_CLOSE_ON_SERVER watch, or NULL */
+  int metadata_sent;      /* initial metadata went out */
+  int recv_ended;         /* the client half-closed */
+  /* Messages this stream took and did not see sent, in order, each as a
+   * 4-byte little-endian length and the serialized message; the first is
+   * the one in flight when send is not NULL (to be sent again if that send
+   * fails). */
+  const void *unsent;
+  size_t unsent_len;
+} rpcplugin_handover_stream;
+
+typedef struct rpcplugin_handover {
+  uint32_t struct_size; /* set by the host */
+  rpcplugin_handover_stream *streams;
+  size_t nstreams;
+  /* GRPCStdio output queued and taken by no stream, in order: records of
+   * channel (1 byte), length (4 bytes little-endian) and the bytes. */
+  const void *stdio;
+  size_t stdio_len;
+  /* GRPCBroker: the peer's advertisements received, and the host's own
+   * (broker_advertise), to be sent on streams opened later. */
+  const rpcplugin_conn_info *peer_adverts;
+  size_t npeer_adverts;
+  const rpcplugin_conn_info *host_adverts;
+  size_t nhost_adverts;
+} rpcplugin_handover;
 
 /* ------------------------------------------------------- module -> host */
 
@@ -517,6 +586,23 @@ typedef struct rpcplugin_module_api {
   int (*broker_channel)(void *instance, uint32_t service_id,
                         grpc_channel **out);
   void (*broker_release_channel)(void *instance, grpc_channel *channel);
+
+  /*
+   * ABI 1.2: a swap.  Control thread.  The host already routes new calls
+   * and host threads to the new instance.  handover_out: close the output
+   * queue to producers (put_line callers inside it return
+   * RPCPLUGIN_ESHUTDOWN and the host sends their chunk again to the new
+   * instance), stop every open stream without ending it and describe it in
+   * *out.  handover_in (on the new instance, started): take the streams
+   * over (each call reference, each relay, each unsent message) and put the
+   * queued output before anything of its own; whatever it cannot take it
+   * ends itself.  handover_done (old instance): free what handover_out
+   * described; its shutdown follows.
+   */
+  int (*handover_out)(void *instance, rpcplugin_handover *out);
+  int (*handover_in)(void *instance, const rpcplugin_handover *h, char *err,
+                     size_t errlen);
+  void (*handover_done)(void *instance, rpcplugin_handover *h);
 } rpcplugin_module_api;
 
 /* Size of the header every ABI major shares. */
