@@ -71,7 +71,9 @@ static int start_op(rp_call *c, rp_op *op, const grpc_op *ops, size_t n,
     return RPCPLUGIN_ESTATE;
   op->cb = cb;
   rp_call_ref(c);
-  e = grpc_call_start_batch(c->call, ops, n, &op->tag, NULL);
+  e = grpc_call_start_batch(c->call, ops, n,
+                            op->relay ? (void *)&op->relay->tag : &op->tag,
+                            NULL);
   if (e != GRPC_CALL_OK) {
     set_log(c->set, RPCPLUGIN_LOG_ERROR, "rpcplugin: start_batch: %s",
            grpc_call_error_to_string(e));
@@ -142,15 +144,168 @@ void rp_call_unref(rp_call *c) {
   if (c->finish_buf) grpc_byte_buffer_destroy(c->finish_buf);
   if (c->recv_buf) grpc_byte_buffer_destroy(c->recv_buf);
   if (c->has_details) grpc_slice_unref(c->status_details);
-  grpc_call_unref(c->call);
+  if (c->host) {
+    if (c->send_op.relay) c->host->relay_free(c->host->host_ctx, c->send_op.relay);
+    if (c->recv_op.relay) c->host->relay_free(c->host->host_ctx, c->recv_op.relay);
+    if (c->close_op.relay)
+      c->host->relay_free(c->host->host_ctx, c->close_op.relay);
+  }
+  if (c->call) grpc_call_unref(c->call);
   free(c);
+}
+
+int rp_call_use_relays(rp_call *c, const rpcplugin_host_api *host) {
+  rp_op *ops[3];
+  int i;
+  if (host == NULL || !RPCPLUGIN_HOST_HAS(host, relay_free) ||
+      host->relay_new == NULL || host->relay_retarget == NULL)
+    return RPCPLUGIN_EUNSUPPORTED;
+  ops[0] = &c->send_op;
+  ops[1] = &c->recv_op;
+  ops[2] = &c->close_op;
+  for (i = 0; i < 3; i++) {
+    ops[i]->relay = host->relay_new(host->host_ctx, &ops[i]->tag);
+    if (ops[i]->relay == NULL) {
+      while (--i >= 0) {
+        host->relay_free(host->host_ctx, ops[i]->relay);
+        ops[i]->relay = NULL;
+      }
+      return RPCPLUGIN_ENOMEM;
+    }
+  }
+  c->host = host;
+  return 0;
+}
+
+int rp_call_export(rp_call *c, rp_call_handoff *out) {
+  rp_op *ops[3];
+  rpcplugin_relay **slots[3];
+  int i;
+  memset(out, 0, sizeof *out);
+  if (c->host == NULL || atomic_load(&c->finish_op.busy))
+    return RPCPLUGIN_ESTATE;
+  ops[0] = &c->send_op;
+  ops[1] = &c->recv_op;
+  ops[2] = &c->close_op;
+  slots[0] = &out->send;
+  slots[1] = &out->recv;
+  slots[2] = &out->close;
+  /* First detach all three: a callback still running may start a batch on
+   * another slot until it returns. */
+  for (i = 0; i < 3; i++)
+    c->host->relay_retarget(c->host->host_ctx, ops[i]->relay, NULL);
+  for (i = 0; i < 3; i++) {
+    if (atomic_load(&ops[i]->busy)) {
+      *slots[i] = ops[i]->relay;
+      atomic_store(&ops[i]->busy, 0);
+      atomic_fetch_sub(&c->refs, 1); /* the batch's reference */
+    } else {
+      c->host->relay_free(c->host->host_ctx, ops[i]->relay);
+    }
+    ops[i]->relay = NULL;
+  }
+  /* The C core took the slices of a message in flight when its batch
+   * started; the emptied buffer is ours. */
+  if (c->send_buf) {
+    grpc_byte_buffer_destroy(c->send_buf);
+    c->send_buf = NULL;
+  }
+  if (c->recv_buf) {
+    grpc_byte_buffer_destroy(c->recv_buf);
+    c->recv_buf = NULL;
+  }
+  out->call = c->call;
+  out->md_sent = c->md_sent;
+  c->call = NULL;
+  c->host = NULL;
+  return 0;
+}
+
+static void send_op_done(rpcplugin_tag *tag, int ok);
+static void recv_op_done(rpcplugin_tag *tag, int ok);
+static void close_op_done(rpcplugin_tag *tag, int ok);
+
+rp_call *rp_call_import(rp_callset *set, RP_CALL_OWNER *owner,
+                        const rpcplugin_host_api *host,
+                        const rp_call_handoff *ex, size_t svc_size) {
+  rp_call *c = rp_call_adopt(set, owner, ex->call, svc_size);
+  rpcplugin_relay *given[3];
+  rp_op *ops[3];
+  int i;
+  if (c == NULL) return NULL; /* the call was cancelled and released */
+  given[0] = ex->send;
+  given[1] = ex->recv;
+  given[2] = ex->close;
+  ops[0] = &c->send_op;
+  ops[1] = &c->recv_op;
+  ops[2] = &c->close_op;
+  c->md_sent = ex->md_sent;
+  c->host = host;
+  c->send_op.tag.on_done = send_op_done;
+  c->recv_op.tag.on_done = recv_op_done;
+  c->close_op.tag.on_done = close_op_done;
+  for (i = 0; i < 3; i++) {
+    if (given[i]) {
+      ops[i]->relay = given[i];
+      atomic_store(&ops[i]->busy, 1);
+      rp_call_ref(c); /* the pending batch's */
+    } else {
+      /* Detached until rp_call_resume, like the given ones. */
+      ops[i]->relay = host->relay_new(host->host_ctx, NULL);
+      if (ops[i]->relay == NULL) {
+        /* Out of memory: this slot works without a relay (the call can
+         * then not move again). */
+      }
+    }
+  }
+  return c;
+}
+
+void rp_call_resume(rp_call *c, rp_call_cb send_cb, rp_call_cb recv_cb,
+                    rp_call_cb close_cb) {
+  rp_op *ops[3];
+  rp_call_cb cbs[3];
+  int i;
+  ops[0] = &c->send_op;
+  ops[1] = &c->recv_op;
+  ops[2] = &c->close_op;
+  cbs[0] = send_cb;
+  cbs[1] = recv_cb;
+  cbs[2] = close_cb;
+  for (i = 0; i < 3; i++)
+    if (atomic_load(&ops[i]->busy)) ops[i]->cb = cbs[i];
+  rp_call_ref(c); /* a delivered completion may drop the last one */
+  for (i = 0; i < 3; i++)
+    if (ops[i]->relay)
+      c->host->relay_retarget(c->host->host_ctx, ops[i]->relay, &ops[i]->tag);
+  rp_call_unref(c);
+}
+
+/* Results that a relay received: move them into the call first. */
+static void close_op_done(rpcplugin_tag *tag, int ok) {
+  rp_op *op = (rp_op *)tag;
+  if (op->relay) op->call->cancelled = op->relay->cancelled;
+  op_done(tag, ok);
+}
+
+static void recv_op_done(rpcplugin_tag *tag, int ok) {
+  rp_op *op = (rp_op *)tag;
+  if (op->relay) {
+    rp_call *c = op->call;
+    if (c->recv_buf) grpc_byte_buffer_destroy(c->recv_buf);
+    c->recv_buf = op->relay->recv_message;
+    op->relay->recv_message = NULL;
+  }
+  op_done(tag, ok);
 }
 
 int rp_call_watch_close(rp_call *c, rp_call_cb cb) {
   grpc_op op;
   memset(&op, 0, sizeof op);
   op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
-  op.data.recv_close_on_server.cancelled = &c->cancelled;
+  op.data.recv_close_on_server.cancelled =
+      c->close_op.relay ? &c->close_op.relay->cancelled : &c->cancelled;
+  c->close_op.tag.on_done = close_op_done;
   return start_op(c, &c->close_op, &op, 1, cb);
 }
 
@@ -217,7 +372,9 @@ int rp_call_recv(rp_call *c, rp_call_cb cb) {
     c->recv_buf = NULL;
   }
   op.op = GRPC_OP_RECV_MESSAGE;
-  op.data.recv_message.recv_message = &c->recv_buf;
+  op.data.recv_message.recv_message =
+      c->recv_op.relay ? &c->recv_op.relay->recv_message : &c->recv_buf;
+  c->recv_op.tag.on_done = recv_op_done;
   return start_op(c, &c->recv_op, &op, 1, cb);
 }
 
@@ -269,7 +426,7 @@ int rp_call_finish(rp_call *c, grpc_status_code status, const char *details,
 }
 
 void rp_call_cancel(rp_call *c, grpc_status_code status, const char *details) {
-  grpc_call_cancel_with_status(c->call, status, details, NULL);
+  if (c->call) grpc_call_cancel_with_status(c->call, status, details, NULL);
 }
 
 void rp_unary_reply(rp_callset *set, RP_CALL_OWNER *owner, grpc_call *call,
@@ -289,7 +446,8 @@ void rp_callset_cancel(rp_callset *set) {
   pthread_mutex_lock(&set->mu);
   set->cancelling = 1;
   for (c = set->calls; c; c = c->next)
-    grpc_call_cancel_with_status(c->call, GRPC_STATUS_UNAVAILABLE,
+    if (c->call) /* NULL: handed over to another instance */
+      grpc_call_cancel_with_status(c->call, GRPC_STATUS_UNAVAILABLE,
                                  "plugin is shutting down", NULL);
   pthread_mutex_unlock(&set->mu);
 }

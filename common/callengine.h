@@ -60,6 +60,7 @@ typedef struct rp_op {
   rp_call *call;
   rp_call_cb cb;
   atomic_int busy;
+  rpcplugin_relay *relay; /* the host's tag for this slot, or NULL */
 } rp_op;
 
 struct rp_call {
@@ -79,6 +80,8 @@ struct rp_call {
   int has_details;
 
   rp_call *prev, *next; /* the set's list, under set->mu */
+  /* With relays (host API 1.2): the host that made them. */
+  const rpcplugin_host_api *host;
   /* Optional: runs when the last reference goes, before the memory is
    * freed (the service frees what its state holds). */
   void (*on_free)(rp_call *c);
@@ -93,6 +96,37 @@ rp_call *rp_call_adopt(rp_callset *set, RP_CALL_OWNER *owner, grpc_call *call,
                        size_t svc_size);
 void rp_call_ref(rp_call *c);
 void rp_call_unref(rp_call *c);
+
+/* Route this call's send, receive and close batches through relays of the
+ * host (host API 1.2), so that a swap can hand it to another instance.
+ * Before the first batch.  0, or RPCPLUGIN_EUNSUPPORTED / ENOMEM (the call
+ * then goes on without relays). */
+int rp_call_use_relays(rp_call *c, const rpcplugin_host_api *host);
+
+/* A call handed over: what the old owner gives away and the new one takes
+ * (rpcplugin_handover_stream's call and relays). */
+typedef struct rp_call_handoff {
+  grpc_call *call;
+  rpcplugin_relay *send, *recv, *close; /* pending batches, detached */
+  int md_sent;
+} rp_call_handoff;
+/* Give the call away: detach its relays (waits until no callback of this
+ * call runs), forget its pending batches and hand the grpc_call reference
+ * and the pending relays to *out.  Control thread; the caller still holds
+ * its own reference, and releases it as usual (no callback runs any more,
+ * the grpc_call is not cancelled).  RPCPLUGIN_ESTATE without relays or with
+ * a finish in flight. */
+int rp_call_export(rp_call *c, rp_call_handoff *out);
+/* Take a call handed over: like rp_call_adopt, with the pending batches of
+ * ex (each holds a reference of the call, as a batch started here would).
+ * Nothing runs until rp_call_resume attaches the relays with the
+ * callbacks for the pending send, receive and close batches (a completion
+ * that came meanwhile is delivered then, on the calling thread). */
+rp_call *rp_call_import(rp_callset *set, RP_CALL_OWNER *owner,
+                        const rpcplugin_host_api *host,
+                        const rp_call_handoff *ex, size_t svc_size);
+void rp_call_resume(rp_call *c, rp_call_cb send_cb, rp_call_cb recv_cb,
+                    rp_call_cb close_cb);
 
 /* Watch for the end of the call (RECV_CLOSE_ON_SERVER); cb sees
  * c->cancelled.  Use on streaming calls that finish later. */

@@ -127,6 +127,7 @@ static struct {
                                  module, else the infrastructure's */
   rpcplugin_load_options *load_opts;
   unsigned long swap_count;
+  char infra_path[PATH_MAX]; /* the infrastructure manifest serving */
   host_pipes *pipes;
   pid_t child; /* 0: none */
   int child_reaped;
@@ -899,27 +900,57 @@ static void log_stats(void) {
 static void swap_now(void) {
   const char *path = H.swap_to && (H.swap_count % 2 == 0) ? H.swap_to
                                                           : H.manifest_path;
-  rpcplugin_manifest *m = NULL;
-  rpcplugin_swap_info si;
+  rpcplugin_manifest *m = NULL, *im = NULL;
+  rpcplugin_swap_info si, isi;
   rpcplugin_error err;
   int64_t t0 = now_us();
+  int infra = 0;
   memset(&si, 0, sizeof si);
   si.struct_size = sizeof si;
-  if (rpcplugin_manifest_load(path, &m, &err) != 0 ||
-      rpcplugin_module_swap(H.swap_mod, m, H.load_opts, &si, &err) != 0) {
-    say("swap to %s failed after %.3f ms: %s; still serving %s", path,
-        (double)(now_us() - t0) / 1e3, err.message,
-        rpcplugin_module_path(H.swap_mod));
-    rpcplugin_manifest_free(m);
-    return;
+  isi = si;
+  if (rpcplugin_manifest_load(path, &m, &err) != 0) goto failed;
+  if (H.swap_mod != H.mod) {
+    /* An application manifest: its infrastructure manifest too, when it
+     * names another one than the one serving (or on a reload). */
+    if (rpcplugin_manifest_load_infrastructure(m, &im, &err) != 0)
+      goto failed;
+    if (H.swap_to == NULL ||
+        strcmp(rpcplugin_manifest_path(im), H.infra_path) != 0) {
+      if (rpcplugin_module_swap(H.mod, im, H.load_opts, &isi, &err) != 0)
+        goto failed;
+      infra = 1;
+      snprintf(H.infra_path, sizeof H.infra_path, "%s",
+               rpcplugin_manifest_path(im));
+    }
   }
+  if (rpcplugin_module_swap(H.swap_mod, m, H.load_opts, &si, &err) != 0)
+    goto failed;
   H.swap_count++;
-  say("swap %lu to %s: ok in %.3f ms (load %.3f ms, switch %.3f ms, retire "
-      "%.3f ms%s)",
-      H.swap_count, path, si.total_ms, si.load_ms, si.switch_ms,
-      si.retire_ms,
-      si.handover == 0 ? ", streams handed over"
-                       : ", streams ended: no handover");
+  if (infra)
+    say("swap %lu to %s: ok in %.3f ms (infrastructure %s: %.3f ms, switch "
+        "%.3f ms%s; application: %.3f ms, switch %.3f ms)",
+        H.swap_count, path, (double)(now_us() - t0) / 1e3, H.infra_path,
+        isi.total_ms, isi.switch_ms,
+        isi.handover == 0 ? ", streams handed over"
+                          : ", streams ended: no handover",
+        si.total_ms, si.switch_ms);
+  else
+    say("swap %lu to %s: ok in %.3f ms (load %.3f ms, switch %.3f ms, "
+        "retire %.3f ms%s)",
+        H.swap_count, path, si.total_ms, si.load_ms, si.switch_ms,
+        si.retire_ms,
+        H.swap_mod != H.mod ? ""
+        : si.handover == 0  ? ", streams handed over"
+                            : ", streams ended: no handover");
+  rpcplugin_manifest_free(im);
+  rpcplugin_manifest_free(m);
+  return;
+failed:
+  say("swap to %s failed after %.3f ms: %s; still serving %s%s%s", path,
+      (double)(now_us() - t0) / 1e3, err.message,
+      rpcplugin_module_path(H.swap_mod), infra ? " with the infrastructure of " : "",
+      infra ? H.infra_path : "");
+  rpcplugin_manifest_free(im);
   rpcplugin_manifest_free(m);
 }
 
@@ -1184,6 +1215,8 @@ int main(int argc, char **argv) {
     goto fail;
   }
   H.swap_mod = app ? app_mod : H.mod;
+  snprintf(H.infra_path, sizeof H.infra_path, "%s",
+           rpcplugin_manifest_path(manifest));
   if (H.swap_to) {
     /* Checked now, so that a typo shows at start and not at the first
      * SIGHUP; it is read again at each swap. */

@@ -154,6 +154,8 @@ struct rp_broker {
   size_t nadverts;
   knock_waiter *waiters;
   int stopping;
+  int handing; /* a swap: host entries go to the new instance */
+  int nhost;   /* host entries between unlocking and their last send */
   uint64_t messages_in, messages_out, errors;
 };
 
@@ -539,8 +541,12 @@ static void open_sub(rp_broker *b, bstream *st, const Plugin__ConnInfo *m,
     queue_ready(b, st, conninfo(s->id, NULL, NULL, 1, 1, 1, NULL), s->id);
     return;
   }
-  if (b->stopping) {
-    queue_ready(b, st, error_reply(b, m->service_id, "plugin is shutting down"),
+  if (b->stopping || b->handing) {
+    queue_ready(b, st,
+                error_reply(b, m->service_id,
+                            b->stopping ? "plugin is shutting down"
+                                        : "plugin swapped its "
+                                          "implementation; knock again"),
                 m->service_id);
     return;
   }
@@ -803,13 +809,15 @@ static void closed(rp_call *c, int ok) {
   bitem *it, *next;
   (void)ok;
   pthread_mutex_lock(&b->mu);
-  st->closed = 1;
-  if (st->prev)
-    st->prev->next = st->next;
-  else if (b->streams == st)
-    b->streams = st->next;
-  if (st->next) st->next->prev = st->prev;
-  b->nstreams--;
+  if (!st->closed) { /* closed already: unlinked by a handover */
+    st->closed = 1;
+    if (st->prev)
+      st->prev->next = st->next;
+    else if (b->streams == st)
+      b->streams = st->next;
+    if (st->next) st->next->prev = st->prev;
+    b->nstreams--;
+  }
   for (it = st->head; it; it = next) {
     next = it->next;
     if (it->bb) {
@@ -855,6 +863,7 @@ static void stream_call(rp_instance *inst, grpc_call *call,
   if (c == NULL) return;
   st = c->svc;
   st->c = c;
+  (void)rp_call_use_relays(c, &inst->host); /* a swap can move it */
   if (rp_call_watch_close(c, closed) != 0) {
     rp_call_unref(c);
     return;
@@ -894,7 +903,7 @@ int rp_broker_advertise(void *instance, uint32_t service_id,
       strlen(address) == 0 || strlen(address) > 255)
     return RPCPLUGIN_EINVAL;
   pthread_mutex_lock(&b->mu);
-  if (b->stopping) {
+  if (b->stopping || b->handing) {
     rc = RPCPLUGIN_ESHUTDOWN;
   } else {
     int sent = 0;
@@ -908,8 +917,12 @@ int rp_broker_advertise(void *instance, uint32_t service_id,
     }
     if (sent == 0) rc = RPCPLUGIN_ENOTFOUND;
   }
+  b->nhost++;
   pthread_mutex_unlock(&b->mu);
   run_actions(b, &a);
+  pthread_mutex_lock(&b->mu);
+  if (--b->nhost == 0) pthread_cond_broadcast(&b->cv);
+  pthread_mutex_unlock(&b->mu);
   return rc;
 }
 
@@ -931,7 +944,7 @@ int rp_broker_wait_advertised(void *instance, uint32_t service_id,
       *out = ad->info;
       break;
     }
-    if (b->stopping) {
+    if (b->stopping || b->handing) {
       rc = RPCPLUGIN_ESHUTDOWN;
       break;
     }
@@ -967,7 +980,7 @@ int rp_broker_knock(void *instance, uint32_t service_id, const char *network,
   pthread_mutex_lock(&b->mu);
   for (st = b->streams; st; st = st->next)
     if (!st->closed && !st->finishing) break;
-  if (b->stopping) {
+  if (b->stopping || b->handing) {
     pthread_mutex_unlock(&b->mu);
     return RPCPLUGIN_ESHUTDOWN;
   }
@@ -981,11 +994,13 @@ int rp_broker_knock(void *instance, uint32_t service_id, const char *network,
   queue_ready(b, st, conninfo(service_id, network, address, 1, 1, 0, NULL),
               service_id);
   pump_locked(b, st, &a);
+  b->nhost++;
   pthread_mutex_unlock(&b->mu);
   run_actions(b, &a);
 
   pthread_mutex_lock(&b->mu);
-  while (!w.done && !b->stopping) {
+  if (--b->nhost == 0) pthread_cond_broadcast(&b->cv);
+  while (!w.done && !b->stopping && !b->handing) {
     if (timeout_ms < 0)
       pthread_cond_wait(&b->cv, &b->mu);
     else if (pthread_cond_timedwait(&b->cv, &b->mu, &dl) == ETIMEDOUT)
@@ -997,7 +1012,9 @@ int rp_broker_knock(void *instance, uint32_t service_id, const char *network,
     rc = RPCPLUGIN_EREFUSED;
     if (err && errlen) snprintf(err, errlen, "%s", w.error);
   } else {
-    rc = b->stopping ? RPCPLUGIN_ESHUTDOWN : RPCPLUGIN_ETIMEDOUT;
+    /* A swap: the host knocks again through the new instance. */
+    rc = (b->stopping || b->handing) ? RPCPLUGIN_ESHUTDOWN
+                                      : RPCPLUGIN_ETIMEDOUT;
   }
   for (pp = &b->waiters; *pp; pp = &(*pp)->next)
     if (*pp == &w) {
@@ -1095,6 +1112,198 @@ static int broker_create(rp_instance *inst, char *err, size_t errlen) {
   rp_cond_init_monotonic(&b->cv);
   inst->broker = b;
   return 0;
+}
+
+/* ----------------------------------------------------------- handover */
+
+/* A swap (docs/abi.md, "Live swap"): host entries are refused (the host
+ * goes again to the new instance), knocks still connecting and every
+ * subchannel are closed (a knock still waiting is answered with an error:
+ * "knock again"), messages already received are handled, and then each
+ * stream goes over with its pending receive, its send in flight and its
+ * unsent replies in order, and the peer's advertisements with them. */
+int rp_broker_handover_out(rp_broker *b, rp_handover *ho) {
+  actions a = {0};
+  bstream *st;
+  advert *ad;
+  size_t i, n;
+  int rc = 0;
+  pthread_mutex_lock(&b->mu);
+  b->handing = 1;
+  pthread_cond_broadcast(&b->cv); /* waiters in knock / wait_advertised */
+  while (b->nhost > 0) pthread_cond_wait(&b->cv, &b->mu);
+  for (i = 0; i < NBUCKETS; i++)
+    while (b->table[i])
+      close_sub(b, b->table[i],
+                "plugin swapped its implementation; knock again", &a);
+  for (st = b->streams; st; st = st->next) {
+    process_locked(b, st, &a);
+    pump_locked(b, st, &a);
+  }
+  /* The peer's advertisements, oldest first (the new broker records them
+   * in that order, newest on top again). */
+  for (n = 0, ad = b->adverts; ad; ad = ad->next) n++;
+  if (n) {
+    ho->peer = calloc(n, sizeof *ho->peer);
+    if (ho->peer == NULL) {
+      rc = RPCPLUGIN_ENOMEM;
+    } else {
+      for (i = n, ad = b->adverts; ad; ad = ad->next) ho->peer[--i] = ad->info;
+      ho->npeer = n;
+    }
+  }
+  pthread_mutex_unlock(&b->mu);
+  run_actions(b, &a);
+
+  for (;;) {
+    rp_call_handoff ex;
+    rp_call *c;
+    uint8_t *u = NULL;
+    size_t ulen = 0;
+    bitem *it, *next;
+    int half;
+    pthread_mutex_lock(&b->mu);
+    for (st = b->streams; st; st = st->next)
+      if (!st->closed) break;
+    if (st == NULL) {
+      pthread_mutex_unlock(&b->mu);
+      break;
+    }
+    c = st->c;
+    rp_call_ref(c);
+    /* Out of the list now: nothing of this instance touches it again. */
+    st->closed = 1;
+    if (st->prev)
+      st->prev->next = st->next;
+    else if (b->streams == st)
+      b->streams = st->next;
+    if (st->next) st->next->prev = st->prev;
+    st->prev = st->next = NULL;
+    b->nstreams--;
+    pthread_mutex_unlock(&b->mu);
+    if (rp_call_export(c, &ex) != 0) {
+      /* No relays: it cannot move.  Its watch still runs closed(), which
+       * must not unlink it again. */
+      rp_call_cancel(c, GRPC_STATUS_UNAVAILABLE, "plugin swapped");
+      rp_call_unref(c);
+      continue;
+    }
+    pthread_mutex_lock(&b->mu);
+    half = st->half_closed;
+    for (it = st->head; it; it = next) {
+      next = it->next;
+      if (it->bb) {
+        grpc_slice sl = rp_flatten(it->bb);
+        uint8_t *more = rp_frame_append(u, &ulen, GRPC_SLICE_START_PTR(sl),
+                                        GRPC_SLICE_LENGTH(sl));
+        grpc_slice_unref(sl);
+        if (more)
+          u = more;
+        else
+          rc = RPCPLUGIN_ENOMEM;
+        grpc_byte_buffer_destroy(it->bb);
+        free(it);
+      } else {
+        it->st = NULL; /* cannot happen: every subchannel was closed */
+      }
+    }
+    st->head = st->tail = NULL;
+    st->nitems = 0;
+    while (st->in_head) {
+      inmsg *x = st->in_head;
+      st->in_head = x->next;
+      if (x->m) rp_msg_free(&x->m->base);
+      free(x);
+    }
+    st->in_tail = NULL;
+    st->nin = 0;
+    pthread_mutex_unlock(&b->mu);
+    if (rp_handover_add_stream(ho, "/plugin.GRPCBroker/StartStream", &ex,
+                               half, u, ulen) != 0) {
+      rc = RPCPLUGIN_ENOMEM;
+      grpc_call_cancel_with_status(ex.call, GRPC_STATUS_UNAVAILABLE,
+                                   "plugin swapped", NULL);
+      grpc_call_unref(ex.call);
+    }
+    rp_call_unref(c); /* ours */
+    rp_call_unref(c); /* the stream's: closed() will not run */
+  }
+  return rc;
+}
+
+void rp_broker_handover_in(rp_broker *b, const rpcplugin_handover *h) {
+  rp_instance *inst = b->inst;
+  size_t i;
+  /* The peer's advertisements first: dials may wait for them. */
+  pthread_mutex_lock(&b->mu);
+  for (i = 0; i < h->npeer_adverts; i++) {
+    Plugin__ConnInfo m = PLUGIN__CONN_INFO__INIT;
+    rpcplugin_conn_info ci = h->peer_adverts[i];
+    ci.network[sizeof ci.network - 1] = '\0';
+    ci.address[sizeof ci.address - 1] = '\0';
+    m.service_id = ci.service_id;
+    m.network = ci.network;
+    m.address = ci.address;
+    record_advert(b, &m);
+  }
+  pthread_mutex_unlock(&b->mu);
+  for (i = 0; i < h->nstreams; i++) {
+    const rpcplugin_handover_stream *hs = &h->streams[i];
+    rp_call_handoff ex;
+    actions a = {0};
+    rp_call *c;
+    bstream *st;
+    size_t off = 0;
+    const uint8_t *u = hs->unsent;
+    int need_recv, need_md;
+    if (strcmp(hs->method, "/plugin.GRPCBroker/StartStream") != 0) continue;
+    ex.call = hs->call;
+    ex.send = hs->send;
+    ex.recv = hs->recv;
+    ex.close = hs->close;
+    ex.md_sent = hs->metadata_sent;
+    c = rp_call_import(&inst->calls, inst, &inst->host, &ex,
+                       sizeof(bstream));
+    if (c == NULL) continue;
+    st = c->svc;
+    st->c = c;
+    pthread_mutex_lock(&b->mu);
+    st->next = b->streams;
+    if (b->streams) b->streams->prev = st;
+    b->streams = st;
+    b->nstreams++;
+    st->sending = hs->send != NULL;
+    st->half_closed = hs->recv_ended;
+    while (u && off + 4 <= hs->unsent_len) {
+      size_t len = (size_t)u[off] | (size_t)u[off + 1] << 8 |
+                   (size_t)u[off + 2] << 16 | (size_t)u[off + 3] << 24;
+      grpc_slice sl;
+      off += 4;
+      if (len > hs->unsent_len - off) break;
+      sl = grpc_slice_from_copied_buffer((const char *)u + off, len);
+      queue_ready(b, st, grpc_raw_byte_buffer_create(&sl, 1), 0);
+      grpc_slice_unref(sl);
+      off += len;
+    }
+    need_recv = hs->recv == NULL && !hs->recv_ended;
+    need_md = hs->send == NULL && !hs->metadata_sent;
+    if (need_md) st->sending = 1;
+    pthread_mutex_unlock(&b->mu);
+    rp_call_resume(c, send_done, recv_done, hs->close ? closed : NULL);
+    if (!hs->close && rp_call_watch_close(c, closed) != 0)
+      rp_call_cancel(c, GRPC_STATUS_INTERNAL, "cannot watch the stream");
+    if (need_md && rp_call_send_metadata(c, opened) != 0) {
+      pthread_mutex_lock(&b->mu);
+      st->sending = 0;
+      pthread_mutex_unlock(&b->mu);
+    }
+    if (need_recv && rp_call_recv(c, recv_done) != 0)
+      rp_call_cancel(c, GRPC_STATUS_INTERNAL, "cannot read the stream");
+    pthread_mutex_lock(&b->mu);
+    pump_locked(b, st, &a);
+    pthread_mutex_unlock(&b->mu);
+    run_actions(b, &a);
+  }
 }
 
 /* Close every subchannel, let streams send what is queued and finish with

@@ -77,3 +77,30 @@ grpc_slice rp_stdio_slice(int channel, size_t len, uint8_t **data) {
   *data = p + off;
   return s;
 }
+
+static int get_varint(const uint8_t *p, size_t n, size_t *off, uint64_t *v) {
+  unsigned shift = 0;
+  *v = 0;
+  while (*off < n && shift < 64) {
+    uint8_t b = p[(*off)++];
+    *v |= (uint64_t)(b & 0x7f) << shift;
+    if (!(b & 0x80)) return 0;
+    shift += 7;
+  }
+  return -1;
+}
+
+int rp_stdio_parse(const uint8_t *p, size_t n, int *channel,
+                   const uint8_t **data, size_t *len) {
+  size_t off = 0;
+  uint64_t v;
+  if (n < 2 || p[off++] != 0x08 || get_varint(p, n, &off, &v) || v > 2)
+    return -1;
+  *channel = (int)v;
+  if (off >= n || p[off++] != 0x12 || get_varint(p, n, &off, &v) ||
+      v != n - off)
+    return -1;
+  *data = p + off;
+  *len = (size_t)v;
+  return 0;
+}

@@ -24,6 +24,10 @@ grpc_byte_buffer *rp_encode(const ProtobufCMessage *msg);
  * where the caller copies the len bytes.  The slice is exactly the encoded
  * message once they are copied. */
 grpc_slice rp_stdio_slice(int channel, size_t len, uint8_t **data);
+/* Read back a StdioData as rp_stdio_slice makes it (field 1 varint, then
+ * field 2).  0, or -1 when it is not in that form. */
+int rp_stdio_parse(const uint8_t *p, size_t n, int *channel,
+                   const uint8_t **data, size_t *len);
 /* Bytes of framing a StdioData adds to len bytes of data (at most 13). */
 size_t rp_stdio_overhead(size_t len);
 

@@ -68,6 +68,10 @@ static void on_call(void *ctx, grpc_call *call, grpc_byte_buffer *req,
                    "plugin is shutting down", NULL, NULL);
     return;
   }
+#ifdef RP_RECORDER
+  rp_log(inst, RPCPLUGIN_LOG_INFO, "rpcplugin-recorder: call %s",
+         route->path);
+#endif
   route->fn(inst, call, req);
 }
 
@@ -196,6 +200,7 @@ static int m_register(void *instance, const char *const *services,
       rp_route *route = &inst->routes[inst->nroutes++];
       route->inst = inst;
       route->fn = svc->methods[j].fn;
+      route->path = svc->methods[j].path;
       rc = inst->host.add_method(inst->host.host_ctx, svc->methods[j].path,
                                  svc->methods[j].kind, on_call, route, err,
                                  errlen);
@@ -303,10 +308,161 @@ static int m_get_stats(void *instance, rpcplugin_stats *out) {
   return 0;
 }
 
+/* ----------------------------------------------------------- handover */
+
+int rp_handover_add_stream(rp_handover *ho, const char *method,
+                           const rp_call_handoff *ex, int recv_ended,
+                           void *unsent, size_t unsent_len) {
+  rpcplugin_handover_stream *hs;
+  if (ho->nstreams == ho->cap) {
+    size_t cap = ho->cap ? 2 * ho->cap : 8;
+    rpcplugin_handover_stream *more =
+        realloc(ho->streams, cap * sizeof *more);
+    if (more == NULL) {
+      free(unsent);
+      return RPCPLUGIN_ENOMEM;
+    }
+    ho->streams = more;
+    ho->cap = cap;
+  }
+  hs = &ho->streams[ho->nstreams++];
+  memset(hs, 0, sizeof *hs);
+  hs->method = method;
+  hs->call = ex->call;
+  hs->send = ex->send;
+  hs->recv = ex->recv;
+  hs->close = ex->close;
+  hs->metadata_sent = ex->md_sent;
+  hs->recv_ended = recv_ended;
+  hs->unsent = unsent;
+  hs->unsent_len = unsent ? unsent_len : 0;
+  return 0;
+}
+
+uint8_t *rp_frame_append(uint8_t *buf, size_t *len, const void *msg,
+                         size_t n) {
+  uint8_t *more;
+  if (n > UINT32_MAX || (more = realloc(buf, *len + 4 + n)) == NULL)
+    return NULL;
+  more[*len] = (uint8_t)n;
+  more[*len + 1] = (uint8_t)(n >> 8);
+  more[*len + 2] = (uint8_t)(n >> 16);
+  more[*len + 3] = (uint8_t)(n >> 24);
+  memcpy(more + *len + 4, msg, n);
+  *len += 4 + n;
+  return more;
+}
+
+int rp_handover_add_stdio(rp_handover *ho, int channel, const void *data,
+                          size_t len) {
+  uint8_t *p;
+  if (len > UINT32_MAX) return RPCPLUGIN_ENOMEM;
+  if (ho->stdio_cap - ho->stdio_len < 5 + len) {
+    size_t cap = ho->stdio_cap ? ho->stdio_cap : 4096;
+    uint8_t *more;
+    while (cap - ho->stdio_len < 5 + len) cap *= 2;
+    if ((more = realloc(ho->stdio, cap)) == NULL) return RPCPLUGIN_ENOMEM;
+    ho->stdio = more;
+    ho->stdio_cap = cap;
+  }
+  p = ho->stdio + ho->stdio_len;
+  p[0] = (uint8_t)channel;
+  p[1] = (uint8_t)len;
+  p[2] = (uint8_t)(len >> 8);
+  p[3] = (uint8_t)(len >> 16);
+  p[4] = (uint8_t)(len >> 24);
+  memcpy(p + 5, data, len);
+  ho->stdio_len += 5 + len;
+  return 0;
+}
+
+void rp_handover_free(rp_handover *ho) {
+  size_t i;
+  for (i = 0; i < ho->nstreams; i++) free((void *)ho->streams[i].unsent);
+  free(ho->streams);
+  free(ho->stdio);
+  free(ho->peer);
+  free(ho->host);
+  memset(ho, 0, sizeof *ho);
+}
+
+static int m_handover_out(void *instance, rpcplugin_handover *out) {
+  rp_instance *inst = instance;
+  rp_handover *ho;
+  int rc = 0;
+  if (inst == NULL || out == NULL) return RPCPLUGIN_EINVAL;
+  if (rp_on_poller(inst)) return RPCPLUGIN_EWRONGTHREAD;
+  pthread_mutex_lock(&inst->mu);
+  if (inst->state != RP_STARTED || inst->handover) {
+    pthread_mutex_unlock(&inst->mu);
+    return RPCPLUGIN_ESTATE;
+  }
+  ho = calloc(1, sizeof *ho);
+  if (ho == NULL) {
+    pthread_mutex_unlock(&inst->mu);
+    return RPCPLUGIN_ENOMEM;
+  }
+  inst->handover = ho;
+  pthread_mutex_unlock(&inst->mu);
+  if (inst->broker) rc = rp_broker_handover_out(inst->broker, ho);
+  if (inst->stdio) {
+    int r = rp_stdio_handover_out(inst->stdio, ho);
+    if (rc == 0) rc = r;
+  }
+  out->streams = ho->streams;
+  out->nstreams = ho->nstreams;
+  out->stdio = ho->stdio;
+  out->stdio_len = ho->stdio_len;
+  if (out->struct_size >= offsetof(rpcplugin_handover, nhost_adverts) +
+                              sizeof(size_t)) {
+    out->peer_adverts = ho->peer;
+    out->npeer_adverts = ho->npeer;
+    out->host_adverts = ho->host;
+    out->nhost_adverts = ho->nhost;
+  }
+  return rc;
+}
+
+static int m_handover_in(void *instance, const rpcplugin_handover *h,
+                         char *err, size_t errlen) {
+  rp_instance *inst = instance;
+  size_t i;
+  if (inst == NULL || h == NULL) return RPCPLUGIN_EINVAL;
+  if (inst->stdio) rp_stdio_handover_in(inst->stdio, h);
+  if (inst->broker) rp_broker_handover_in(inst->broker, h);
+  /* Streams of a service this instance does not serve: ended. */
+  for (i = 0; i < h->nstreams; i++) {
+    const char *m = h->streams[i].method;
+    if ((inst->stdio && strcmp(m, "/plugin.GRPCStdio/StreamStdio") == 0) ||
+        (inst->broker && strcmp(m, "/plugin.GRPCBroker/StartStream") == 0))
+      continue;
+    snprintf(err, errlen, "stream %s not served here: ended", m);
+    grpc_call_cancel_with_status(h->streams[i].call, GRPC_STATUS_UNAVAILABLE,
+                                 "plugin swapped", NULL);
+    grpc_call_unref(h->streams[i].call);
+  }
+  return 0;
+}
+
+static void m_handover_done(void *instance, rpcplugin_handover *h) {
+  rp_instance *inst = instance;
+  (void)h;
+  if (inst == NULL || inst->handover == NULL) return;
+  rp_handover_free(inst->handover);
+  free(inst->handover);
+  inst->handover = NULL;
+}
+
+#ifdef RP_RECORDER
+#define RP_MODULE_NAME "rpcplugin-recorder"
+#else
+#define RP_MODULE_NAME "rpcplugin-services"
+#endif
+
 #define MODULE_API_FIELDS(minor, size)                         \
   .magic = RPCPLUGIN_MODULE_MAGIC, .abi_major = RPCPLUGIN_ABI_MAJOR, \
   .abi_minor = (minor), .struct_size = (size), .flags = 0,       \
-  .abi_tag = RPCPLUGIN_ABI_TAG, .name = "rpcplugin-services",     \
+  .abi_tag = RPCPLUGIN_ABI_TAG, .name = RP_MODULE_NAME,          \
   .version = RPCPLUGIN_VERSION, .init = m_init,                   \
   .register_services = m_register, .start = m_start,              \
   .put_line = m_put_line, .shutdown = m_shutdown,                 \
@@ -315,7 +471,9 @@ static int m_get_stats(void *instance, rpcplugin_stats *out) {
   .broker_wait_advertised = rp_broker_wait_advertised,            \
   .broker_knock = rp_broker_knock,                                \
   .broker_channel = rp_broker_channel,                            \
-  .broker_release_channel = rp_broker_release_channel
+  .broker_release_channel = rp_broker_release_channel,            \
+  .handover_out = m_handover_out, .handover_in = m_handover_in,   \
+  .handover_done = m_handover_done
 
 #ifndef RPCPLUGIN_TEST_NEWER_MINOR
 static const rpcplugin_module_api module_api = {

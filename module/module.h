@@ -70,6 +70,7 @@ enum rp_state {
 typedef struct rp_route {
   rp_instance *inst;
   rp_method_fn fn;
+  const char *path;
 } rp_route;
 
 struct rp_instance {
@@ -94,7 +95,39 @@ struct rp_instance {
   /* AutoMTLS (host API 1.1 tls_*), copied at init: our certificate and
    * key, and the client's certificate.  All NULL without AutoMTLS. */
   char *tls_cert, *tls_key, *tls_peer;
+
+  struct rp_handover *handover; /* what handover_out described, until done */
 };
+
+/* What handover_out describes (rpcplugin_handover), owned by the old
+ * instance until handover_done. */
+typedef struct rp_handover {
+  rpcplugin_handover_stream *streams;
+  size_t nstreams, cap;
+  uint8_t *stdio;
+  size_t stdio_len, stdio_cap;
+  rpcplugin_conn_info *peer, *host;
+  size_t npeer, nhost;
+} rp_handover;
+
+/* Append a stream (unsent: framed messages, malloc'd, taken) / a stdio
+ * record.  0 or ENOMEM. */
+int rp_handover_add_stream(rp_handover *ho, const char *method,
+                           const rp_call_handoff *ex, int recv_ended,
+                           void *unsent, size_t unsent_len);
+/* Append msg to a buffer of framed messages (4-byte little-endian length,
+ * bytes); returns the buffer, or NULL on out of memory (buf then still
+ * valid). */
+uint8_t *rp_frame_append(uint8_t *buf, size_t *len, const void *msg,
+                         size_t n);
+int rp_handover_add_stdio(rp_handover *ho, int channel, const void *data,
+                          size_t len);
+void rp_handover_free(rp_handover *ho);
+/* The services' parts: out (old instance, control thread), in (new). */
+int rp_stdio_handover_out(rp_stdio *s, rp_handover *ho);
+void rp_stdio_handover_in(rp_stdio *s, const rpcplugin_handover *h);
+int rp_broker_handover_out(rp_broker *b, rp_handover *ho);
+void rp_broker_handover_in(rp_broker *b, const rpcplugin_handover *h);
 
 void rp_log(rp_instance *inst, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));

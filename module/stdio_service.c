@@ -72,8 +72,10 @@ struct rp_stdio {
   stream *idle_head;
   size_t nstreams, nidle;
   putback *putback;
-  uint64_t seq;
+  uint64_t seq;   /* from 1: 0 is what a handover brought (sent first) */
   int stopping;
+  int handing;     /* a swap: no new writes, streams go to the new one */
+  int nkicking;    /* producers between taking a message and its send */
   pthread_cond_t done_cv; /* CLOCK_MONOTONIC; stop waits on it */
   uint64_t sent_chunks, sent_bytes, sent_messages, resent_messages;
 };
@@ -169,6 +171,10 @@ static void finish_done(rp_call *c, int ok);
 static int next_locked(rp_stdio *s, stream *st, int *finish) {
   *finish = 0;
   if (st->closed || st->finishing) return 0;
+  if (s->handing) {
+    idle_push(s, st);
+    return 0;
+  }
   if (take_locked(s, st)) {
     st->sending = 1;
     return 1;
@@ -214,16 +220,20 @@ static void kick(void *ctx) {
     stream *st;
     pthread_mutex_lock(&s->q.mu);
     st = s->idle_head;
-    if (st == NULL || !take_locked(s, st)) {
+    if (st == NULL || s->handing || !take_locked(s, st)) {
       pthread_mutex_unlock(&s->q.mu);
       return;
     }
     idle_remove(s, st);
     st->sending = 1;
+    s->nkicking++;
     rp_call_ref(st->c);
     pthread_mutex_unlock(&s->q.mu);
     act(s, st, 1, 0);
     rp_call_unref(st->c);
+    pthread_mutex_lock(&s->q.mu);
+    if (--s->nkicking == 0 && s->handing) pthread_cond_broadcast(&s->done_cv);
+    pthread_mutex_unlock(&s->q.mu);
   }
 }
 
@@ -270,8 +280,10 @@ static void closed(rp_call *c, int ok) {
   rp_stdio *s = c->inst->stdio;
   (void)ok;
   pthread_mutex_lock(&s->q.mu);
-  st->closed = 1;
-  stream_remove(s, st);
+  if (!st->closed) { /* closed already: handed over, or ended there */
+    st->closed = 1;
+    stream_remove(s, st);
+  }
   pthread_cond_broadcast(&s->done_cv);
   pthread_mutex_unlock(&s->q.mu);
   rp_call_unref(c); /* the stream's own reference */
@@ -299,6 +311,9 @@ static void stream_call(rp_instance *inst, grpc_call *call,
   if (c == NULL) return;
   st = c->svc;
   st->c = c;
+  /* Through the host's relays when it has them: a swap can then hand the
+   * stream to the next instance. */
+  (void)rp_call_use_relays(c, &inst->host);
   if (rp_call_watch_close(c, closed) != 0) {
     rp_call_unref(c);
     return;
@@ -370,8 +385,197 @@ static int stdio_create(rp_instance *inst, char *err, size_t errlen) {
   s->coalesce = cfg->stdio.coalesce_bytes;
   if (s->coalesce > piece) s->coalesce = piece;
   rp_cond_init_monotonic(&s->done_cv);
+  s->seq = 1;
   inst->stdio = s;
   return 0;
+}
+
+/* ----------------------------------------------------------- handover */
+
+int rp_stdio_handover_out(rp_stdio *s, rp_handover *ho) {
+  stream *st;
+  int rc = 0;
+  pthread_mutex_lock(&s->q.mu);
+  s->handing = 1;
+  /* Producers inside put_line return RPCPLUGIN_ESHUTDOWN (the host puts
+   * their chunk to the new instance); those that took a message finish
+   * starting its write first. */
+  rp_squeue_close_locked(&s->q);
+  while (s->nkicking > 0) pthread_cond_wait(&s->done_cv, &s->q.mu);
+  for (;;) {
+    rp_call_handoff ex;
+    grpc_slice msg = grpc_empty_slice();
+    int sending;
+    rp_call *c;
+    st = s->streams;
+    if (st == NULL) break;
+    c = st->c;
+    rp_call_ref(c);
+    stream_remove(s, st);
+    pthread_mutex_unlock(&s->q.mu);
+    /* No callback of this stream runs after this. */
+    if (rp_call_export(c, &ex) != 0) {
+      /* No relays (an older host): it cannot move; end it here (its watch
+       * still runs closed, which finds it removed). */
+      pthread_mutex_lock(&s->q.mu);
+      st->closed = 1;
+      pthread_mutex_unlock(&s->q.mu);
+      rp_call_cancel(c, GRPC_STATUS_UNAVAILABLE, "plugin swapped");
+      rp_call_unref(c);
+      pthread_mutex_lock(&s->q.mu);
+      continue;
+    }
+    pthread_mutex_lock(&s->q.mu);
+    sending = st->sending && ex.send != NULL && !GRPC_SLICE_IS_EMPTY(st->msg);
+    if (sending) msg = st->msg;
+    st->sending = 0;
+    st->closed = 1; /* no longer ours */
+    pthread_mutex_unlock(&s->q.mu);
+    {
+      uint8_t *u = NULL;
+      size_t ulen = 0;
+      if (sending)
+        u = rp_frame_append(NULL, &ulen, GRPC_SLICE_START_PTR(msg),
+                            GRPC_SLICE_LENGTH(msg));
+      if (sending && u == NULL) rc = RPCPLUGIN_ENOMEM; /* counted lost */
+      if (rp_handover_add_stream(ho, "/plugin.GRPCStdio/StreamStdio", &ex,
+                                 1, u, ulen) != 0) {
+        rc = RPCPLUGIN_ENOMEM;
+        grpc_call_cancel_with_status(ex.call, GRPC_STATUS_UNAVAILABLE,
+                                     "plugin swapped", NULL);
+        grpc_call_unref(ex.call);
+      }
+    }
+    if (sending) grpc_slice_unref(msg);
+    rp_call_unref(c); /* ours */
+    rp_call_unref(c); /* the stream's: the watch will never call closed */
+    pthread_mutex_lock(&s->q.mu);
+  }
+  /* What no stream took: the messages put back, then the queue. */
+  while (s->putback) {
+    putback *pb = s->putback;
+    int channel;
+    const uint8_t *data;
+    size_t len;
+    s->putback = pb->next;
+    if (rp_stdio_parse(GRPC_SLICE_START_PTR(pb->msg),
+                       GRPC_SLICE_LENGTH(pb->msg), &channel, &data,
+                       &len) == 0 &&
+        rp_handover_add_stdio(ho, channel, data, len) != 0)
+      rc = RPCPLUGIN_ENOMEM;
+    grpc_slice_unref(pb->msg);
+    free(pb);
+  }
+  for (;;) {
+    int channel;
+    size_t nrec, len = rp_squeue_peek_locked(&s->q, s->coalesce, &channel,
+                                             &nrec);
+    uint8_t *buf;
+    if (nrec == 0) break;
+    buf = malloc(len ? len : 1);
+    if (buf == NULL) {
+      rc = RPCPLUGIN_ENOMEM;
+      break;
+    }
+    rp_squeue_pop_locked(&s->q, nrec, buf);
+    if (rp_handover_add_stdio(ho, channel, buf, len) != 0)
+      rc = RPCPLUGIN_ENOMEM;
+    free(buf);
+  }
+  pthread_mutex_unlock(&s->q.mu);
+  return rc;
+}
+
+void rp_stdio_handover_in(rp_stdio *s, const rpcplugin_handover *h) {
+  rp_instance *inst = s->inst;
+  putback *head = NULL, **tail = &head;
+  size_t off = 0, i;
+  const uint8_t *p = h->stdio;
+  /* 1. The old instance's output goes before anything of ours: at the
+   * head of the put-back list, with sequence 0. */
+  while (p && off + 5 <= h->stdio_len) {
+    int channel = p[off];
+    size_t len = (size_t)p[off + 1] | (size_t)p[off + 2] << 8 |
+                 (size_t)p[off + 3] << 16 | (size_t)p[off + 4] << 24;
+    uint8_t *dst;
+    putback *pb;
+    off += 5;
+    if (len > h->stdio_len - off) break;
+    pb = calloc(1, sizeof *pb);
+    if (pb == NULL) {
+      rp_log(inst, RPCPLUGIN_LOG_ERROR,
+             "rpcplugin: swap: out of memory, %zu bytes of output lost",
+             h->stdio_len - off);
+      break;
+    }
+    pb->msg = rp_stdio_slice(channel, len, &dst);
+    memcpy(dst, p + off, len);
+    pb->bytes = len;
+    pb->chunks = 1;
+    pb->seq = 0;
+    *tail = pb;
+    tail = &pb->next;
+    off += len;
+  }
+  pthread_mutex_lock(&s->q.mu);
+  *tail = s->putback;
+  s->putback = head;
+  pthread_mutex_unlock(&s->q.mu);
+
+  /* 2. The streams, with their write in flight. */
+  for (i = 0; i < h->nstreams; i++) {
+    const rpcplugin_handover_stream *hs = &h->streams[i];
+    rp_call_handoff ex;
+    rp_call *c;
+    stream *st;
+    rp_call_cb send_cb = NULL;
+    int start_md = 0;
+    if (strcmp(hs->method, "/plugin.GRPCStdio/StreamStdio") != 0) continue;
+    ex.call = hs->call;
+    ex.send = hs->send;
+    ex.recv = hs->recv;
+    ex.close = hs->close;
+    ex.md_sent = hs->metadata_sent;
+    c = rp_call_import(&inst->calls, inst, &inst->host, &ex, sizeof(stream));
+    if (c == NULL) continue;
+    st = c->svc;
+    st->c = c;
+    pthread_mutex_lock(&s->q.mu);
+    st->next = s->streams;
+    if (s->streams) s->streams->prev = st;
+    s->streams = st;
+    s->nstreams++;
+    if (hs->send) {
+      st->sending = 1;
+      if (hs->unsent_len >= 4) {
+        const uint8_t *u = hs->unsent;
+        size_t len = (size_t)u[0] | (size_t)u[1] << 8 | (size_t)u[2] << 16 |
+                     (size_t)u[3] << 24;
+        if (len > hs->unsent_len - 4) len = hs->unsent_len - 4;
+        st->msg = grpc_slice_from_copied_buffer((const char *)u + 4, len);
+        st->bytes = len;
+        st->chunks = 1;
+        st->seq = 0;
+        send_cb = send_done;
+      } else {
+        send_cb = opened; /* the initial metadata is in flight */
+      }
+    } else if (hs->metadata_sent) {
+      idle_push(s, st);
+    } else {
+      st->sending = 1;
+      start_md = 1;
+    }
+    pthread_mutex_unlock(&s->q.mu);
+    rp_call_resume(c, send_cb, NULL, hs->close ? closed : NULL);
+    if (!hs->close && rp_call_watch_close(c, closed) != 0) {
+      rp_call_cancel(c, GRPC_STATUS_INTERNAL, "cannot watch stream");
+    }
+    if (start_md && rp_call_send_metadata(c, opened) != 0)
+      rp_call_cancel(c, GRPC_STATUS_INTERNAL, "cannot start stream");
+  }
+  /* 3. Idle streams start on what came over. */
+  kick(s);
 }
 
 /* Everything is flushed when nothing is queued, put back or in flight. */

@@ -93,7 +93,7 @@ class PluginHost:
 
     def __init__(self, manifest=HOST_MANIFEST, command=None, options=(),
                  env=None, cookie=True, versions="1", tmpdir=None,
-                 wait_handshake=True):
+                 wait_handshake=True, cwd=None):
         self._own_tmpdir = tmpdir is None
         self.tmpdir = tmpdir or tempfile.mkdtemp(prefix="rph-")
         self.sockdir = os.path.join(self.tmpdir, "sockets")
@@ -121,7 +121,8 @@ class PluginHost:
             self.argv += ["--"] + list(command)
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=e)
+                                     stderr=subprocess.PIPE, env=e,
+                                     cwd=cwd)
         self.lines = queue.Queue()
         self._stderr = []
         self._stderr_cv = threading.Condition()
