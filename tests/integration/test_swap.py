@@ -239,3 +239,43 @@ def test_failed_swap_keeps_serving(workdir):
         assert host.wait(30) == 0
     finally:
         host.close()
+
+
+def test_reload_picks_up_a_rebuilt_module(workdir):
+    """SIGHUP without --swap-to reloads MANIFEST: the same file again is
+    loaded from a private copy (glibc would hand back the loaded one), and
+    a module rebuilt at the same path (a new file renamed over it, as a
+    linker does) is the one that serves after the swap."""
+    lib = os.path.join(BUILD, "lib")
+    mod = os.path.join(workdir, "m.so")
+    shutil.copy(os.path.join(lib, "rpcplugin_services.so"), mod)
+    with open(HOST_MANIFEST) as f:
+        text = f.read().replace('"rpcplugin_services.so"', '"m.so"')
+    man = os.path.join(workdir, "m.json")
+    with open(man, "w") as f:
+        f.write(text)
+    host = PluginHost(manifest=man, options=["-v"])
+    try:
+        ch = host.channel()
+        stdio = Stdio(ch, timeout=120)
+        host.signal(signal.SIGHUP)
+        stdio.wait_contains(2, b"swap 1 to", timeout=30)
+        assert "ok in" in bytes(stdio.data[2]).decode()
+        assert "memfd:rpcplugin-module" in mapped(host.proc.pid)
+        assert host.health(ch) == 1
+        assert b"rpcplugin-recorder: call" not in stdio.data[2]
+        # "Rebuilt": the recorder build, renamed over m.so.
+        shutil.copy(os.path.join(lib, "rpcplugin_recorder.so"), mod + ".new")
+        os.rename(mod + ".new", mod)
+        host.signal(signal.SIGHUP)
+        stdio.wait_contains(2, b"swap 2 to", timeout=30)
+        assert host.health(ch) == 1
+        stdio.wait_contains(
+            2, b"rpcplugin-recorder: call /grpc.health.v1.Health/Check",
+            timeout=10)
+        assert stdio.status is None
+        host.shutdown(ch)
+        assert stdio.wait_end(timeout=30) == grpc.StatusCode.OK
+        assert host.wait(30) == 0
+    finally:
+        host.close()
