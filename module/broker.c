@@ -232,6 +232,18 @@ static void actions_add(actions *a, bstream *st, grpc_byte_buffer *bb,
 
 /* ------------------------------------------------------------ streams */
 
+/* Off the broker's list, once (closed marks it). */
+static void stream_unlink_locked(rp_broker *b, bstream *st) {
+  st->closed = 1;
+  if (st->prev)
+    st->prev->next = st->next;
+  else if (b->streams == st)
+    b->streams = st->next;
+  if (st->next) st->next->prev = st->prev;
+  st->prev = st->next = NULL;
+  b->nstreams--;
+}
+
 static void item_push(bstream *st, bitem *it) {
   it->st = st;
   it->next = NULL;
@@ -810,13 +822,7 @@ static void closed(rp_call *c, int ok) {
   (void)ok;
   pthread_mutex_lock(&b->mu);
   if (!st->closed) { /* closed already: unlinked by a handover */
-    st->closed = 1;
-    if (st->prev)
-      st->prev->next = st->next;
-    else if (b->streams == st)
-      b->streams = st->next;
-    if (st->next) st->next->prev = st->prev;
-    b->nstreams--;
+    stream_unlink_locked(b, st);
   }
   for (it = st->head; it; it = next) {
     next = it->next;
@@ -1172,14 +1178,7 @@ int rp_broker_handover_out(rp_broker *b, rp_handover *ho) {
     c = st->c;
     rp_call_ref(c);
     /* Out of the list now: nothing of this instance touches it again. */
-    st->closed = 1;
-    if (st->prev)
-      st->prev->next = st->next;
-    else if (b->streams == st)
-      b->streams = st->next;
-    if (st->next) st->next->prev = st->prev;
-    st->prev = st->next = NULL;
-    b->nstreams--;
+    stream_unlink_locked(b, st);
     pthread_mutex_unlock(&b->mu);
     if (rp_call_export(c, &ex) != 0) {
       /* No relays: it cannot move.  Its watch still runs closed(), which
