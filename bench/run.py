@@ -23,6 +23,7 @@ import platform
 import queue
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -127,6 +128,191 @@ class Server(Proc):
         return bye
 
 
+# ------------------------------------------------------ W8's client
+
+# W8's child: numbered lines on stdout, about one per millisecond, until
+# the file argv[1] exists (at most 900 s), then "done N".
+W8_CHILD = r"""
+import os, sys, time
+stop, i, t0 = sys.argv[1], 0, time.monotonic()
+while not os.path.exists(stop) and time.monotonic() - t0 < 900:
+    sys.stdout.write("line %d\n" % i)
+    sys.stdout.flush()
+    i += 1
+    time.sleep(0.001)
+sys.stdout.write("done %d\n" % i)
+sys.stdout.flush()
+"""
+
+W8_SWAP_OK = re.compile(
+    r"swap (\d+) to (.+?): ok in ([0-9.]+) ms \(load ([0-9.]+) ms, "
+    r"switch ([0-9.]+) ms, retire ([0-9.]+) ms(.*)\)")
+W8_SWAP_FAILED = re.compile(r"swap to .* failed after")
+
+
+def pb_varint(buf, i):
+    v = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        v |= (b & 0x7f) << shift
+        if b < 0x80:
+            return v, i
+        shift += 7
+
+
+def pb_fields(buf):
+    """(field number, value) of a protobuf message's varint and
+    length-delimited fields: enough for StdioData and
+    HealthCheckResponse, without generated classes."""
+    i = 0
+    while i < len(buf):
+        key, i = pb_varint(buf, i)
+        if key & 7 == 0:
+            v, i = pb_varint(buf, i)
+        elif key & 7 == 2:
+            n, i = pb_varint(buf, i)
+            v, i = buf[i:i + n], i + n
+        else:
+            raise ValueError("wire type %d" % (key & 7))
+        yield key >> 3, v
+
+
+class W8Stdio:
+    """StreamStdio read by a thread: stdout bytes, the host's swap lines
+    from stderr (with the time each arrived), the final status."""
+
+    def __init__(self):
+        self.out = bytearray()
+        self.err = bytearray()
+        self.swaps = []
+        self.failed_swaps = []
+        self.other = []
+        self.status = None
+        self.cv = threading.Condition()
+        self.call = None
+
+    def start(self, method):
+        self.call = method(b"", timeout=1800)
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        status = "OK"
+        try:
+            for msg in self.call:
+                chan, data = 0, b""
+                for f, v in pb_fields(msg):
+                    if f == 1:
+                        chan = v
+                    elif f == 2:
+                        data = v
+                with self.cv:
+                    if chan == 1:
+                        self.out.extend(data)
+                    else:
+                        self._stderr(data)
+                    self.cv.notify_all()
+        except Exception as e:  # grpc.RpcError, or a message we misread
+            status = "%s" % (e.code() if hasattr(e, "code") else repr(e))
+        with self.cv:
+            self.status = status
+            self.cv.notify_all()
+
+    def _stderr(self, data):
+        self.err.extend(data)
+        while True:
+            k = self.err.find(b"\n")
+            if k < 0:
+                return
+            line = self.err[:k].decode(errors="replace")
+            del self.err[:k + 1]
+            m = W8_SWAP_OK.search(line)
+            if m:
+                self.swaps.append({
+                    "n": int(m.group(1)), "ms": float(m.group(3)),
+                    "load_ms": float(m.group(4)),
+                    "switch_ms": float(m.group(5)),
+                    "retire_ms": float(m.group(6)),
+                    "handed_over": "streams handed over" in m.group(7),
+                    "t_seen": time.monotonic_ns(), "line": line})
+            elif W8_SWAP_FAILED.search(line):
+                self.failed_swaps.append(line)
+            elif len(self.other) < 100:
+                self.other.append(line)
+
+    def wait(self, pred, timeout, what):
+        end = time.monotonic() + timeout
+        with self.cv:
+            while not pred():
+                left = end - time.monotonic()
+                if left <= 0 or self.status is not None:
+                    raise BenchError("W8: %s not seen within %ss (stdio "
+                                     "stream: %s; host said: %s)" % (
+                                         what, timeout,
+                                         self.status or "open",
+                                         " | ".join(self.other[-3:])))
+                self.cv.wait(left)
+
+
+class W8Calls(threading.Thread):
+    """Health/Check in a tight loop on one channel: the start and end of
+    every call (CLOCK_MONOTONIC, ns), failures counted."""
+
+    REQUEST = b"\x0a\x06plugin"  # HealthCheckRequest{service: "plugin"}
+
+    def __init__(self, method):
+        threading.Thread.__init__(self, daemon=True)
+        self.method = method
+        self.t0, self.t1 = [], []
+        self.failures = 0
+        self.errors = []
+        self.failed_at = []  # indices of the failed calls
+        self.stop = threading.Event()
+        self.want = 1 << 62
+        self.reached = threading.Event()
+
+    def run(self):
+        try:
+            while not self.stop.is_set():
+                t0 = time.monotonic_ns()
+                try:
+                    resp = self.method(self.REQUEST, timeout=10)
+                    ok = dict(pb_fields(resp)).get(1) == 1  # SERVING
+                    err = None if ok else "status %r" % resp
+                except Exception as e:  # a failed call is a figure
+                    ok = False
+                    if hasattr(e, "code") and hasattr(e, "details"):
+                        err = "%s: %s" % (e.code(), e.details())
+                    else:
+                        err = repr(e)[:300]
+                t1 = time.monotonic_ns()
+                self.t0.append(t0)
+                self.t1.append(t1)
+                if not ok:
+                    self.failures += 1
+                    self.failed_at.append(len(self.t1) - 1)
+                    if len(self.errors) < 20:
+                        self.errors.append(err)
+                if len(self.t1) >= self.want:
+                    self.reached.set()
+        finally:
+            self.reached.set()
+
+    def wait_calls(self, n, timeout):
+        """Until n calls have ended."""
+        end = time.monotonic() + timeout
+        while len(self.t1) < n:
+            self.reached.clear()
+            self.want = n
+            if len(self.t1) >= n:
+                break
+            left = end - time.monotonic()
+            if left <= 0 or not self.is_alive():
+                raise BenchError("W8: %d of %d calls after %ss" % (
+                    len(self.t1), n, timeout))
+            self.reached.wait(left)
+
+
 # ------------------------------------------------------------- helpers
 
 def med(xs):
@@ -135,6 +321,13 @@ def med(xs):
 
 def spread(xs):
     return (min(xs), max(xs)) if xs else (None, None)
+
+
+def pct(xs, q):
+    """Nearest-rank percentile of sorted xs."""
+    if not xs:
+        return None
+    return xs[max(0, min(len(xs) - 1, -int(-q * len(xs) // 1) - 1))]
 
 
 def summary(xs):
@@ -1268,6 +1461,280 @@ class Bench:
                 self.ratios.append(("W7 calls/s c=8 rpcplugin/go",
                                     thr["median"], 1.0, True))
 
+    # ------------------------------------------------------------ W8
+
+    def w8_modules(self):
+        """(services manifest, recorder manifest): manifests/host.json and
+        manifests/host-recorder.json with the modules of this build.  The
+        recorder target is built here (bench/run.sh builds only what the
+        other workloads need), from the same sources as the module."""
+        lib = os.path.dirname(self.module)
+        rec = os.path.join(lib, "rpcplugin_recorder.so")
+        self.log("W8: building rpcplugin_recorder in %s" % self.build)
+        try:
+            with open(os.path.join(self.logdir, "w8-build.log"), "w") as log:
+                subprocess.run(["cmake", "--build", self.build, "-j",
+                                os.environ.get("JOBS", "2"), "--target",
+                                "rpcplugin_recorder"], check=True,
+                               timeout=900, stdout=log, stderr=log)
+        except (subprocess.SubprocessError, OSError) as e:
+            return None, None, "target rpcplugin_recorder not built (%s; " \
+                "see %s/w8-build.log)" % (e, self.logdir)
+        if not os.path.exists(rec):
+            return None, None, "no %s" % rec
+        out = []
+        for name, module in (("host.json", self.module),
+                             ("host-recorder.json", rec)):
+            with open(os.path.join(ROOT, "manifests", name)) as f:
+                m = json.load(f)
+            m.pop("$schema", None)
+            m["module"] = module
+            path = os.path.join(self.tmp, "w8-" + name)
+            with open(path, "w") as f:
+                json.dump(m, f, indent=1)
+            out.append(path)
+        return out[0], out[1], None
+
+    def w8_once(self, host, man, man2, nswaps, ncalls, nwarm):
+        """One host lifetime: warm-up, phase 1 (ncalls Health/Check with no
+        swap), phase 2 (nswaps SIGHUPs, each waited for on the host's log
+        line, with the same call loop running), then the stdio check and
+        Shutdown."""
+        import grpc  # Debian's python3-grpcio; only W8 needs it
+        work = tempfile.mkdtemp(prefix="w8-", dir=self.tmp)
+        stop = os.path.join(work, "STOP")
+        env, cookie = self.plugin_env()
+        env["PLUGIN_UNIX_SOCKET_DIR"] = work
+        env["TMPDIR"] = work
+        argv = [host, "--magic-cookie", cookie, "--app-version", "1",
+                "--no-exit-with-child", "--swap-to", man2, man, "--",
+                PY, "-c", W8_CHILD, stop]
+        p = Proc(argv, "w8-host", self.logdir, env=env, stdin=False)
+        st = W8Stdio()
+        loop = None
+        ch = None
+        try:
+            hs = ("1|" + p.expect("1|", 30)).split("|")
+            if len(hs) < 5 or hs[4] != "grpc":
+                raise BenchError("rpcplugin-host handshake %r" % "|".join(hs))
+            target = ("unix:" + hs[3]) if hs[2] == "unix" else hs[3]
+            ch = grpc.insecure_channel(target)
+            st.start(ch.unary_stream("/plugin.GRPCStdio/StreamStdio"))
+            st.wait(lambda: b"line 10\n" in st.out, 30, "the child's lines")
+            loop = W8Calls(ch.unary_unary("/grpc.health.v1.Health/Check"))
+            loop.start()
+            # Warm-up, then phase 1: the same loop, stdio streaming, no
+            # swap.
+            loop.wait_calls(nwarm, 60)
+            i1 = len(loop.t1)
+            loop.wait_calls(i1 + ncalls, 120 + ncalls / 100.0)
+            i2 = len(loop.t1)
+            # Phase 2: the swaps.
+            windows = []
+            for i in range(1, nswaps + 1):
+                t_sig = time.monotonic_ns()
+                os.kill(p.p.pid, signal.SIGHUP)
+                st.wait(lambda: len(st.swaps) >= i or st.failed_swaps, 30,
+                        "the log line of swap %d" % i)
+                if st.failed_swaps:
+                    raise BenchError("swap %d: %s" % (i, st.failed_swaps[0]))
+                sw = st.swaps[i - 1]
+                if sw["n"] != i:
+                    raise BenchError("swap %d logged as %r" % (i, sw["line"]))
+                windows.append((t_sig, sw["t_seen"]))
+                # A call that started after this swap's line, before the
+                # next swap (the one in flight finishes, the next one too).
+                loop.wait_calls(len(loop.t1) + 2, 30)
+            i3 = len(loop.t1)
+            loop.stop.set()
+            loop.join(30)
+            if loop.is_alive():
+                raise BenchError("the Health loop did not end")
+            # Every stdout line exactly once and in order.
+            with open(stop, "w"):
+                pass
+            st.wait(lambda: re.search(rb"done \d+\n", st.out), 60,
+                    "the child's last line")
+            out = bytes(st.out).decode()
+            nlines = int(re.search(r"done (\d+)\n", out).group(1))
+            lines_ok = out == "".join("line %d\n" % j
+                                      for j in range(nlines)) + \
+                "done %d\n" % nlines
+            lost = nlines - len(re.findall(r"^line \d+$", out, re.M))
+            shut_err = None
+            try:
+                ch.unary_unary("/plugin.GRPCController/Shutdown")(
+                    b"", timeout=30)
+            except grpc.RpcError as e:  # the reply may lose the race
+                shut_err = "%s" % e.code()
+            st.wait(lambda: st.status is not None, 30, "the end of stdio")
+            rc = p.finish(30)
+        finally:
+            if loop is not None:
+                loop.stop.set()
+            if ch is not None:
+                ch.close()
+            p.kill()
+            shutil.rmtree(work, ignore_errors=True)
+        t0, t1 = loop.t0, loop.t1
+        normal = sorted((t1[k] - t0[k]) / 1e6 for k in range(i1, i2))
+        during = sorted((t1[k] - t0[k]) / 1e6 for k in range(i2, i3))
+        # Calls that overlapped a swap: started before its log line
+        # arrived, ended after its SIGHUP.
+        overlap = 0.0
+        k = i2
+        for ws, we in windows:
+            while k < i3 and t1[k] < ws:
+                k += 1
+            j = k
+            while j < i3 and t0[j] < we:
+                overlap = max(overlap, (t1[j] - t0[j]) / 1e6)
+                j += 1
+        # Where the failed calls were: phase, and the swaps they overlapped
+        # (swap n goes to the recorder when odd, back when even).
+        where = []
+        for k in loop.failed_at:
+            if k < i1:
+                where.append({"call": k, "phase": "warm-up"})
+            elif k < i2:
+                where.append({"call": k, "phase": 1})
+            elif k < i3:
+                over = [n + 1 for n, (ws, we) in enumerate(windows)
+                        if t0[k] < we and t1[k] > ws]
+                where.append({"call": k, "phase": 2, "swaps": over,
+                              "ms": (t1[k] - t0[k]) / 1e6})
+            else:
+                where.append({"call": k, "phase": "after"})
+        swaps = sorted(s["ms"] for s in st.swaps[:nswaps])
+        switch = sorted(s["switch_ms"] for s in st.swaps[:nswaps])
+        return {
+            "swaps": nswaps, "swap_ms": [s["ms"] for s in st.swaps],
+            "swap_p50_ms": med(swaps), "swap_p99_ms": pct(swaps, 0.99),
+            "swap_max_ms": swaps[-1],
+            "switch_p50_ms": med(switch), "switch_p99_ms": pct(switch, 0.99),
+            "handed_over": sum(1 for s in st.swaps if s["handed_over"]),
+            "normal_calls": len(normal), "normal_p50_ms": med(normal),
+            "normal_p99_ms": pct(normal, 0.99), "normal_max_ms": normal[-1],
+            "swap_phase_calls": len(during),
+            "swap_phase_p50_ms": med(during),
+            "swap_phase_p99_ms": pct(during, 0.99),
+            "longest_ms": during[-1], "longest_overlapping_ms": overlap,
+            "longest_calls_ms": during[-10:][::-1],
+            "stall_beyond_p99_ms": during[-1] - pct(normal, 0.99),
+            "stall_ratio": during[-1] / pct(normal, 0.99),
+            "swap_phase_s": (t1[i3 - 1] - t0[i2]) / 1e9,
+            "failed_calls": loop.failures, "failures": loop.errors[:5],
+            "failed_where": where,
+            "calls_total": len(t1), "stdio_lines": nlines,
+            "stdio_lines_in_order": lines_ok, "stdio_lines_lost": lost,
+            "stdio_status": str(st.status), "shutdown_error": shut_err,
+            "host_exit": rc, "host_messages": st.other[:20]}
+
+    def w8(self):
+        """Live swap under traffic: rpcplugin-host serving the services
+        module (manifests/host.json) with --swap-to the recorder
+        (host-recorder.json), a child printing numbered lines; one grpcio
+        client streams stdio and calls Health/Check in a loop.  Phase 1:
+        the call's normal latency; phase 2: SIGHUP swaps, each waited for
+        on its log line (the host's stderr, i.e. stdio channel 2)."""
+        host = self.find_host()
+        try:
+            import grpc  # noqa: F401
+            why = None
+        except ImportError:
+            why = "python3-grpcio is not installed"
+        if not host:
+            why = "rpcplugin-host not built"
+        if not why:
+            man, man2, why = self.w8_modules()
+        if why:
+            self.row("W8", "live swap", "skipped", "skipped: " + why)
+            self.results["W8"] = {"skipped": why}
+            return
+        nswaps = 20 if self.quick else 200
+        ncalls = 1000 if self.quick else 10000
+        nwarm = 100 if self.quick else 500
+        runs, errors = [], []
+        for rep in range(self.reps):
+            self.log("W8 rep %d/%d: %d calls, then %d swaps under calls" % (
+                rep + 1, self.reps, ncalls, nswaps))
+            try:
+                runs.append(self.w8_once(host, man, man2, nswaps, ncalls,
+                                         nwarm))
+            except BenchError as e:
+                errors.append(str(e))
+                self.log("W8 failed: %s" % e)
+        self.results["W8"] = {"runs": runs, "errors": errors,
+                              "swaps": nswaps, "normal_calls": ncalls,
+                              "manifests": [man, man2]}
+        for e in errors:
+            self.row("W8", "-", "error", e)
+        if not runs:
+            return
+
+        def fig(case, figure, key, unit=" ms", target=None):
+            v = [r[key] for r in runs]
+            self.row("W8", case, figure, med(v), spread(v), unit=unit,
+                     target=target)
+
+        sw = "%d swaps services <-> recorder (SIGHUP)" % nswaps
+        fig(sw, "swap p50", "swap_p50_ms")
+        fig(sw, "swap p99", "swap_p99_ms", target="< 5 ms")
+        fig(sw, "swap max", "swap_max_ms")
+        fig(sw, "switch p99 (in the swap)", "switch_p99_ms")
+        nc = "Health/Check, no swaps (phase 1) x%d" % ncalls
+        fig(nc, "normal call p50", "normal_p50_ms")
+        fig(nc, "normal call p99", "normal_p99_ms")
+        fig(nc, "normal call max", "normal_max_ms")
+        dc = "Health/Check during the swaps (phase 2)"
+        fig(dc, "calls", "swap_phase_calls", unit="")
+        fig(dc, "call p99", "swap_phase_p99_ms")
+        fig(dc, "longest call", "longest_ms")
+        fig(dc, "longest call overlapping a swap", "longest_overlapping_ms")
+        v = [r["stall_beyond_p99_ms"] for r in runs]
+        self.row("W8", "longest call during swaps - normal p99",
+                 "stall beyond normal p99", med(v), spread(v), unit=" ms",
+                 target="<= 1 ms")
+        v = [r["stall_ratio"] for r in runs]
+        self.row("W8", "longest call during swaps / normal p99", "ratio",
+                 med(v), spread(v), ratio=True)
+        self.ratios.append(("W8 swap p99 / 5 ms",
+                            med([r["swap_p99_ms"] for r in runs]), 5.0,
+                            False))
+        self.ratios.append(("W8 longest call / (normal p99 + 1 ms)",
+                            med([r["longest_ms"] for r in runs]),
+                            med([r["normal_p99_ms"] + 1.0 for r in runs]),
+                            False))
+        failed = sum(r["failed_calls"] for r in runs)
+        total = sum(r["calls_total"] for r in runs)
+        self.row("W8", "all calls, all reps", "failed calls",
+                 "%d of %d" % (failed, total))
+        bad = [r for r in runs if not r["stdio_lines_in_order"]]
+        self.row("W8", "stdio: the child's numbered lines",
+                 "arrived", "all, once, in order (%s lines)" % "/".join(
+                     str(r["stdio_lines"]) for r in runs) if not bad else
+                 "NOT ALL: lost %s" % "/".join(
+                     str(r["stdio_lines_lost"]) for r in runs))
+        ho = [r["handed_over"] for r in runs]
+        if any(h != nswaps for h in ho):
+            self.row("W8", sw, "streams handed over", "/".join(map(str, ho)))
+        if failed:
+            kinds = sorted(set(e for r in runs for e in r["failures"]))
+            phases = [w["phase"] for r in runs for w in r["failed_where"]]
+            over = [w.get("swaps") for r in runs for w in r["failed_where"]
+                    if w["phase"] == 2]
+            self.row("W8", "-", "error",
+                     "%d calls failed (%s); phase of each: %s; swaps each "
+                     "phase-2 failure overlapped: %s" % (
+                         failed, "; ".join(kinds), phases, over))
+        if bad:
+            self.row("W8", "-", "error", "stdio lines lost or reordered")
+        odd = [(r["stdio_status"], r["host_exit"]) for r in runs
+               if r["stdio_status"] != "OK" or r["host_exit"] != 0]
+        if odd:
+            self.row("W8", "-", "error", "after Shutdown: stdio status / "
+                     "host exit code %s" % odd)
+
     def run(self):
         started = datetime.datetime.now().astimezone()
         self.results["meta"] = {
@@ -1285,7 +1752,8 @@ class Bench:
         t0 = time.monotonic()
         for w, fn in (("W1", self.w1), ("W4", self.w4), ("W5", self.w5),
                       ("W6", self.w6), ("W2", self.w2), ("W3", self.w3),
-                      ("W3", self.shutdown_rtt), ("W7", self.w7)):
+                      ("W3", self.shutdown_rtt), ("W7", self.w7),
+                      ("W8", self.w8)):
             if not self.wants(w):
                 continue
             try:

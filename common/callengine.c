@@ -478,7 +478,23 @@ grpc_slice rp_flatten(grpc_byte_buffer *bb) {
   return s;
 }
 
+/* Calls whose status is already on its way (their finish batch started:
+ * a unary reply, a stream's OK after its flush) are left to complete for
+ * up to this long; cancelling them would replace a reply the client is
+ * about to read by UNAVAILABLE (seen at swaps: a Health/Check answered by
+ * the old instance just before it stopped). */
+#define RP_FINISH_GRACE_MS 1000
+
 void rp_callset_cancel_and_drain(rp_callset *set) {
-  rp_callset_cancel(set);
+  rp_call *c;
+  pthread_mutex_lock(&set->mu);
+  set->cancelling = 1;
+  for (c = set->calls; c; c = c->next)
+    if (c->call && !atomic_load(&c->finish_op.busy))
+      grpc_call_cancel_with_status(c->call, GRPC_STATUS_UNAVAILABLE,
+                                   "plugin is shutting down", NULL);
+  pthread_mutex_unlock(&set->mu);
+  if (rp_callset_wait(set, RP_FINISH_GRACE_MS) == 0) return;
+  rp_callset_cancel(set); /* a client that does not take its status */
   rp_callset_wait(set, -1);
 }

@@ -154,7 +154,9 @@ void rp_unary_reply(rp_callset *set, RP_CALL_OWNER *owner, grpc_call *call,
                     grpc_byte_buffer *msg, rp_call_cb cb);
 
 /* Cancel every live call of the set and wait (control thread) until none
- * is left.  Calls adopted later are cancelled at once. */
+ * is left.  Calls adopted later are cancelled at once.  A call whose
+ * status is already on its way is given up to a second to deliver it
+ * before it is cancelled too. */
 void rp_callset_cancel_and_drain(rp_callset *set);
 /* The same in two steps: cancel without waiting, then wait up to
  * timeout_ms (< 0: as long as it takes); returns the calls still alive. */

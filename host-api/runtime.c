@@ -863,6 +863,15 @@ void rp_runtime_fill_host_api(rp_binding *b, rpcplugin_host_api *api) {
   api->relay_new = host_relay_new;
   api->relay_retarget = host_relay_retarget;
   api->relay_free = host_relay_free;
+#ifdef RPCPLUGIN_TEST_HOST_ABI_1_1
+  /* Built only for the ABI matrix tests: a host of ABI 1.1, whose struct
+   * ends before the relays. */
+  api->abi_minor = 1;
+  api->struct_size = offsetof(rpcplugin_host_api, relay_new);
+  api->relay_new = NULL;
+  api->relay_retarget = NULL;
+  api->relay_free = NULL;
+#endif
 }
 
 int rp_runtime_on_poller(rpcplugin_runtime *rt) {
@@ -1182,10 +1191,13 @@ int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
   pthread_mutex_unlock(&rt->mu);
   clock_gettime(CLOCK_MONOTONIC, &rt->t_stop);
 
-  /* 1. Stop accepting: no new calls; calls in progress go on.  Also for a
-   * server that never started: gRPC refuses to destroy a server with
-   * listeners that was not shut down. */
-  grpc_server_shutdown_and_notify(rt->server, rt->cq, &rt->shutdown_tag);
+  /* 1. From here on (state RT_DRAINING) calls that arrive are answered
+   * UNAVAILABLE "plugin is shutting down" by the modules and the runtime.
+   * The server itself is shut down (GOAWAY) only after the clients read
+   * what the streams sent (step 3): the C core closes a connection as soon
+   * as its last stream ends after a GOAWAY, and a client that then writes
+   * a window update for data it is still reading fails that stream with
+   * "Broken pipe", its last messages and status unread. */
 
   /* 2. Modules: streams flush and finish, everything else is cancelled.
    * They stay loaded (put_line now answers RPCPLUGIN_ESHUTDOWN) until
@@ -1217,20 +1229,18 @@ int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
                    rp_callset_count(&rt->host_calls), RT_CALLS_WAIT_MS);
   trace_step(rt, &rt->t_stop, "modules stopped");
 
-  /* 3. Let the clients read what was sent before their connections are
-   * cut.  The C core completes a call's status batch once the status is
+  /* 3. Let the clients read what was sent before the server goes away.
+   * The C core completes a call's status batch once the status is
    * encoded, before the bytes are written, and a client that writes
    * anything (a window update, a ping ack) to a connection the server has
    * already closed fails all its calls, even those whose data sits unread
    * in its socket: cutting at once lost the Shutdown reply, or a stream's
-   * last messages and status, now and then.  So wait until the connections
-   * closed (go-plugin clients close right after Shutdown), until no
-   * connected socket of the process holds bytes its peer has not read yet
-   * (for RT_QUIET_LOOKS looks 2 ms apart), or until those bytes stopped going down for
-   * RT_STALL_MS (nobody reads them: a C-core client keeps an idle
-   * connection open and never reads the GOAWAY), at most close_grace_ms
-   * (a slow client still reading a stream's last window).  Without pollers the shutdown tag comes back only
-   * in rpcplugin_runtime_shutdown's drain of the queue. */
+   * last messages and status, now and then.  So wait until no connected
+   * socket of the process holds bytes its peer has not read yet (for
+   * RT_QUIET_LOOKS looks 2 ms apart; go-plugin clients close right after
+   * Shutdown), or until those bytes stopped going down for RT_STALL_MS
+   * (nobody reads them: a stuck client), at most close_grace_ms (a slow
+   * client still reading a stream's last window). */
   if (was_started && rt->npollers && rt->opts.close_grace_ms >= 0) {
     struct timespec until, step, progress;
     long last = -1;
@@ -1264,11 +1274,14 @@ int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
     }
     pthread_mutex_unlock(&rt->mu);
     trace_step(rt, &rt->t_stop,
-               rt->server_down ? "connections closed"
-               : quiet >= RT_QUIET_LOOKS ? "clients read everything"
+               quiet >= RT_QUIET_LOOKS ? "clients read everything"
                : stalled       ? "clients stopped reading"
                                : "clients still reading after the grace");
   }
+  /* 4. Now stop: GOAWAY; connections close as their calls end.  Also for a
+   * server that never started: gRPC refuses to destroy a server with
+   * listeners that was not shut down. */
+  grpc_server_shutdown_and_notify(rt->server, rt->cq, &rt->shutdown_tag);
 
   pthread_mutex_lock(&rt->mu);
   rt->state = RT_DRAINED;

@@ -475,7 +475,17 @@ static void m_handover_done(void *instance, rpcplugin_handover *h) {
   .handover_out = m_handover_out, .handover_in = m_handover_in,   \
   .handover_done = m_handover_done
 
-#ifndef RPCPLUGIN_TEST_NEWER_MINOR
+#if defined(RPCPLUGIN_TEST_OLDER_MINOR)
+/* Built only for the ABI matrix tests: the same module as ABI 1.1 shipped
+ * it, its vtable ending before the 1.2 entries (no handover), so a newer
+ * host meets a smaller struct_size. */
+static const rpcplugin_module_api module_api = {
+    MODULE_API_FIELDS(1, offsetof(rpcplugin_module_api, handover_out))};
+
+RP_EXPORT const rpcplugin_module_api *rpcplugin_module_entry(void) {
+  return &module_api;
+}
+#elif !defined(RPCPLUGIN_TEST_NEWER_MINOR)
 static const rpcplugin_module_api module_api = {
     MODULE_API_FIELDS(RPCPLUGIN_ABI_MINOR, sizeof(rpcplugin_module_api))};
 

@@ -23,11 +23,15 @@
  *                          (go-plugin's Dial) and call Health/Check on it
  *   subserve PATH MANIFEST serve MANIFEST's module on a second server at
  *                          unix:PATH (a target for the peer's Dial)
+ *   abi                    the loaded module's name, ABI and handover
+ *   swap MANIFEST          rpcplugin_module_swap to MANIFEST's module
+ *                          ("OK swap handover=yes|no")
  *   shutdown               run the shutdown path
  *   bg COMMAND             run COMMAND on a thread of its own; its reply
  *                          comes later as "BGDONE <reply>"
  *
- * Signals SIGTERM and SIGINT also run the shutdown path.
+ * Signals SIGTERM and SIGINT also run the shutdown path.  With
+ * TEST_HOST_DEBUG set the runtime logs at debug level (shutdown steps).
  *
  * With TEST_HOST_TLS_CERT, TEST_HOST_TLS_KEY and TEST_HOST_TLS_PEER (PEM
  * files) the runtime gets them as AutoMTLS material (the module's broker
@@ -359,6 +363,27 @@ static void command(char *line) {
     say("%s %s", rc == 0 ? "OK" : "ERR", res);
   } else if (strcmp(argv[0], "subserve") == 0 && argc == 3) {
     report(sub_serve(argv[1], argv[2]), "subserve");
+  } else if (strcmp(argv[0], "abi") == 0) {
+    say("OK %s %d.%d struct_size=%u handover=%s", api->name,
+        (int)api->abi_major, (int)api->abi_minor, (unsigned)api->struct_size,
+        RPCPLUGIN_MODULE_HAS(api, handover_out) ? "yes" : "no");
+  } else if (strcmp(argv[0], "swap") == 0 && argc == 2) {
+    rpcplugin_manifest *m2 = NULL;
+    rpcplugin_swap_info si;
+    rpcplugin_error err;
+    int rc = rpcplugin_manifest_load(argv[1], &m2, &err);
+    if (rc == 0) {
+      memset(&si, 0, sizeof si);
+      si.struct_size = sizeof si;
+      rc = rpcplugin_module_swap(mod, m2, NULL, &si, &err);
+      rpcplugin_manifest_free(m2);
+    }
+    if (rc) {
+      say("ERR %s %s", rpcplugin_err_name(rc), err.message);
+      return;
+    }
+    api = rpcplugin_module_api_of(mod);
+    say("OK swap handover=%s", si.handover == 0 ? "yes" : "no");
   } else if (strcmp(argv[0], "shutdown") == 0) {
     say("OK shutdown");
     sem_post(&stop_sem);
@@ -474,7 +499,7 @@ int main(int argc, char **argv) {
   opts.server = server;
   opts.on_shutdown = on_shutdown;
   opts.log = on_log;
-  opts.log_level = RPCPLUGIN_LOG_INFO;
+  opts.log_level = getenv("TEST_HOST_DEBUG") ? RPCPLUGIN_LOG_DEBUG : RPCPLUGIN_LOG_INFO;
   opts.tls_cert_pem = tls_cert;
   opts.tls_key_pem = tls_key;
   opts.tls_peer_cert_pem = tls_peer;

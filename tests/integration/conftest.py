@@ -47,7 +47,8 @@ def manifest_services(path):
 class Host:
     """A running test_host: send commands, watch events, connect clients."""
 
-    def __init__(self, manifest, tmpdir, address=None, env=None, wrapper=""):
+    def __init__(self, manifest, tmpdir, address=None, env=None, wrapper="",
+                 program="test_host"):
         self.sock = os.path.join(tmpdir, "host.sock")
         self.address = address or "unix:" + self.sock
         e = dict(os.environ)
@@ -56,7 +57,7 @@ class Host:
             e.update(env)
         cmd = shlex.split(wrapper) + shlex.split(
             os.environ.get("RP_WRAPPER", "")) + [
-            os.path.join(BUILD, "tests", "test_host"), manifest, self.address]
+            os.path.join(BUILD, "tests", program), manifest, self.address]
         self.stderr_path = os.path.join(tmpdir, "host.stderr")
         self._stderr = open(self.stderr_path, "w")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,

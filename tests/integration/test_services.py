@@ -1,6 +1,11 @@
-"""Per-manifest integration: every manifest in manifests/ is loaded by the
-test host; enabled services answer as docs/wire.md says, disabled ones
-answer UNIMPLEMENTED, and Shutdown runs the host's callback."""
+"""Per-manifest and per-implementation integration: every manifest in
+manifests/ is loaded by the test host once with each implementation of the
+infrastructure services the project builds (rpcplugin_services.so and
+rpcplugin_recorder.so); the services it declares answer as docs/wire.md
+says, all the others answer UNIMPLEMENTED, and Shutdown runs the host's
+callback.  test_abi_matrix.py runs the same scenario across ABI
+versions."""
+import json
 import os
 
 import grpc
@@ -21,10 +26,42 @@ def unimplemented(fn):
     return e.value
 
 
+# The implementations of the four infrastructure services: module file ->
+# what it logs for each call it serves (None: nothing).
+IMPLEMENTATIONS = {
+    "rpcplugin_services.so": None,
+    "rpcplugin_recorder.so": "rpcplugin-recorder: call ",
+}
+
+
+def with_module(manifest, module, tmpdir):
+    """manifest, copied into tmpdir with its "module" replaced."""
+    with open(manifest) as f:
+        m = json.load(f)
+    m.pop("$schema", None)
+    m["module"] = module
+    path = os.path.join(str(tmpdir), os.path.basename(manifest))
+    with open(path, "w") as f:
+        json.dump(m, f)
+    return path
+
+
+@pytest.mark.parametrize("module", sorted(IMPLEMENTATIONS))
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=os.path.basename)
-def test_manifest_services(make_host, manifest):
-    services = manifest_services(manifest)
-    host = make_host(manifest)
+def test_manifest_services(make_host, manifest, module, tmp_path):
+    host = make_host(with_module(manifest, module, tmp_path))
+    run_scenario(host, manifest_services(manifest))
+    log = IMPLEMENTATIONS[module]
+    err = host.stderr()
+    if log is None:
+        assert "rpcplugin-recorder" not in err
+    elif "grpc.health.v1.Health" in manifest_services(manifest):
+        assert log + "/grpc.health.v1.Health/Check" in err, err
+
+
+def run_scenario(host, services):
+    """Each of the four services answers if declared, else UNIMPLEMENTED;
+    Shutdown (or SIGTERM without the controller) ends the host with 0."""
     ch = host.channel()
 
     # Health
