@@ -9,6 +9,7 @@
  */
 #include "callengine.h"
 #include "monotime.h"
+#include "rp_tsan.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -71,6 +72,7 @@ static int start_op(rp_call *c, rp_op *op, const grpc_op *ops, size_t n,
     return RPCPLUGIN_ESTATE;
   op->cb = cb;
   rp_call_ref(c);
+  RP_TSAN_RELEASE(op->relay ? (void *)&op->relay->tag : &op->tag);
   e = grpc_call_start_batch(c->call, ops, n,
                             op->relay ? (void *)&op->relay->tag : &op->tag,
                             NULL);

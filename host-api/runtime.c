@@ -21,6 +21,7 @@
 #include "internal.h"
 #include "callengine.h"
 #include "monotime.h"
+#include "rp_tsan.h"
 
 #include <dirent.h>
 #include <errno.h>
@@ -196,6 +197,7 @@ static void *poller_main(void *arg) {
     if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
     if (ev.type == GRPC_OP_COMPLETE) {
       rpcplugin_tag *t = ev.tag;
+      RP_TSAN_ACQUIRE(t);
       t->on_done(t, ev.success);
     }
   }
@@ -235,6 +237,7 @@ static void reject_call(rpcplugin_runtime *rt, grpc_call *call,
   ops[1].data.send_status_from_server.status_details = &r->details;
   ops[2].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
   ops[2].data.recv_close_on_server.cancelled = &r->cancelled;
+  RP_TSAN_RELEASE(&r->tag);
   e = grpc_call_start_batch(call, ops, 3, &r->tag, NULL);
   if (e != GRPC_CALL_OK) {
     rp_runtime_log(rt, RPCPLUGIN_LOG_ERROR, "rpcplugin: cannot reject call: %s",
@@ -250,6 +253,7 @@ static void request_done(rpcplugin_tag *t, int ok);
 static void issue_request(rt_request *r) {
   rpcplugin_runtime *rt = r->rt;
   grpc_call_error e;
+  RP_TSAN_RELEASE(&r->tag);
   if (r->m)
     e = grpc_server_request_registered_call(
         rt->server, r->m->reg, &r->call, &r->deadline, &r->md,
@@ -1281,6 +1285,7 @@ int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
   /* 4. Now stop: GOAWAY; connections close as their calls end.  Also for a
    * server that never started: gRPC refuses to destroy a server with
    * listeners that was not shut down. */
+  RP_TSAN_RELEASE(&rt->shutdown_tag);
   grpc_server_shutdown_and_notify(rt->server, rt->cq, &rt->shutdown_tag);
 
   pthread_mutex_lock(&rt->mu);
@@ -1328,6 +1333,7 @@ int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt) {
       if (ev.type == GRPC_QUEUE_SHUTDOWN) break;
       if (ev.type == GRPC_OP_COMPLETE) {
         rpcplugin_tag *t = ev.tag;
+        RP_TSAN_ACQUIRE(t);
         t->on_done(t, ev.success);
       }
     }

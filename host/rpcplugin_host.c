@@ -25,11 +25,11 @@
  *      lingering grandchild holding it would stall the client's Kill().
  *
  * Then the main thread waits (signalfd + an eventfd the module's shutdown
- * callback writes) for Shutdown, SIGTERM, SIGINT, SIGHUP or the child's exit,
+ * callback writes) for Shutdown, SIGTERM, SIGINT or the child's exit (SIGHUP swaps),
  * and runs one graceful path for all of them:
  *   terminate the child's process group (SIGTERM, SIGKILL after
  *   --kill-grace), stop holding the pipes, let the reader hand over what the
- *   pipes hold (bounded), rpcplugin_runtime_shutdown (stop accepting, flush
+ *   pipes hold (bounded), rpcplugin_runtime_shutdown (stop serving, flush
  *   stdio streams and finish them with OK, stop the module; a put_line still
  *   blocked returns RPCPLUGIN_ESHUTDOWN), join the reader,
  *   rpcplugin_runtime_destroy (dlclose), destroy the server, remove the
@@ -52,6 +52,7 @@
 #include <grp.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -150,12 +151,20 @@ static void say_fd(int fd, const char *prefix, const char *fmt, va_list ap) {
   if (fd >= 0) (void)!write(fd, buf, (size_t)n);
 }
 
+/* Held (shared) around each message's write, and exclusively while the
+ * descriptor behind diag_fd changes: a poller logging during shutdown
+ * must not write to a descriptor that was just closed, or to whatever
+ * reuses its number (TSan caught that race). */
+static pthread_rwlock_t diag_lock = PTHREAD_RWLOCK_INITIALIZER;
+
 /* A host message, one write(2), never blocking after the handshake. */
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 static void say(const char *fmt, ...) {
   va_list ap;
   va_start(ap, fmt);
+  pthread_rwlock_rdlock(&diag_lock);
   say_fd(atomic_load(&H.diag_fd), PROG ": ", fmt, ap);
+  pthread_rwlock_unlock(&diag_lock);
   va_end(ap);
 }
 
@@ -720,6 +729,7 @@ static int redirect_stdio(void) {
 /* At shutdown: stop holding the pipes' write ends. */
 static void release_stdio(void) {
   int nul = open("/dev/null", O_WRONLY | O_CLOEXEC);
+  pthread_rwlock_wrlock(&diag_lock);
   atomic_store(&H.diag_fd, H.orig_err);
   if (nul >= 0) {
     dup2(nul, 1);
@@ -730,6 +740,7 @@ static void release_stdio(void) {
     close(H.diag_nb);
     H.diag_nb = -1;
   }
+  pthread_rwlock_unlock(&diag_lock);
 }
 
 /* ------------------------------------------------------------- child */

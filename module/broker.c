@@ -61,6 +61,7 @@
 #include "engine.h"
 #include "monotime.h"
 #include "grpc_broker.pb-c.h"
+#include "rp_tsan.h"
 
 #define NBUCKETS 256
 #define MAX_ADVERTS 1024
@@ -414,6 +415,7 @@ static void watch_done(rpcplugin_tag *t, int ok);
 static void watch(rp_broker *b, sub *s, grpc_connectivity_state last) {
   s->watching = 1;
   b->nwatching++;
+  RP_TSAN_RELEASE(&s->watch.tag);
   grpc_channel_watch_connectivity_state(s->ch, last, s->deadline,
                                         b->inst->host.cq, &s->watch.tag);
 }

@@ -184,6 +184,15 @@ if has tsan; then
   stage "stdio queue under ThreadSanitizer"
   build "$ROOT/build-tsan" -DCMAKE_BUILD_TYPE=Debug -DRPCPLUGIN_TSAN=ON
   TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/test_squeue
+  stage "live swaps under ThreadSanitizer (suppressions: tests/tsan.supp)"
+  # Every report of every process goes to a file of its own there (and
+  # makes that process exit 66): any file is a failure.
+  tsanlog=$(mktemp -d)
+  TSAN_OPTIONS="suppressions=$ROOT/tests/tsan.supp exitcode=66 log_path=$tsanlog/report" \
+  RP_SLOW=5 RP_SWAPS=30 RP_GO_SWAPS=10 pytest_run "$ROOT/build-tsan" \
+    test_swap.py || { cat "$tsanlog"/* 2>/dev/null; exit 1; }
+  if [ -n "$(ls -A "$tsanlog")" ]; then cat "$tsanlog"/*; exit 1; fi
+  rm -rf "$tsanlog"
 fi
 
 if has valgrind; then
@@ -197,6 +206,11 @@ if has valgrind; then
     cat build/valgrind-*.log; exit 1
   fi
   rm -f build/valgrind-*.log
+  stage "valgrind memcheck: 20 cold cycles (load, serve, shutdown, dlclose)"
+  RP_CYCLES_NO_RSS=1 valgrind -q --leak-check=full \
+    --errors-for-leak-kinds=definite --error-exitcode=99 \
+    --suppressions="$ROOT/tests/valgrind.supp" \
+    build/tests/test_cycles build/lib manifests/default.json 20
 fi
 
 if has fuzz; then

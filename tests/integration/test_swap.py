@@ -8,11 +8,13 @@ stream still answers, the values written before a swap are read after it,
 and the old files are unmapped (dlclosed) once swapped out.  A failed swap
 (a manifest that does not parse, a module of another ABI major) keeps the
 old implementation serving and says why."""
+import json
 import os
 import queue
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -279,3 +281,82 @@ def test_reload_picks_up_a_rebuilt_module(workdir):
         assert host.wait(30) == 0
     finally:
         host.close()
+
+
+GO_BIN = os.environ.get("RP_GO_BIN")
+
+
+def children(pid):
+    """PIDs whose parent is pid."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open("/proc/%s/stat" % d) as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+@pytest.mark.skipif(not GO_BIN, reason="RP_GO_BIN is not set: build tests/go")
+def test_swaps_under_go_plugin_client(workdir):
+    """go-plugin v1.0.1's own client (gpkv bench: Put calls from two
+    goroutines on one dispensed client) while the plugin swaps kv.so <->
+    kv-atomic.so and the infrastructure module with each SIGHUP: no call
+    fails, and the value is read back at the end."""
+    from hostutil import HOST_BIN
+    stop = os.path.join(workdir, "STOP")
+    plugin = "exec %s --magic-cookie BASIC_PLUGIN=hello --swap-to %s %s" % (
+        HOST_BIN, KV_ATOMIC, KV)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLUGIN_")}
+    env["TMPDIR"] = workdir
+    argv = [os.path.join(GO_BIN, "gpkv"), "--timeout", "%ds" % (10 * SLOW),
+            "--plugin", plugin, "bench", "--n", "10000000",
+            "--concurrency", "2", "--size", "16", "--stop-file", stop]
+    gp = subprocess.Popen(argv, cwd=workdir, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE)
+    try:
+        kids = []
+        wait_until(lambda: kids.extend(children(gp.pid)) or kids, 30,
+                   "the plugin process")
+        pid = kids[0]
+        # Each Put rewrites kv_bench<goroutine> in workdir: a new
+        # modification time is a call served.
+        value = os.path.join(workdir, "kv_bench0")
+
+        def stamp():
+            try:
+                return os.stat(value).st_mtime_ns
+            except FileNotFoundError:
+                return None
+
+        wait_until(lambda: stamp() is not None, 30, "the first Put")
+        swaps = int(os.environ.get("RP_GO_SWAPS", "50"))
+        for i in range(1, swaps + 1):
+            assert gp.poll() is None, gp.communicate()
+            os.kill(pid, signal.SIGHUP)
+            want, gone = ("kv-atomic.so", "/kv.so") if i % 2 else \
+                ("/kv.so", "kv-atomic.so")
+            wait_until(lambda: want in mapped(pid) and
+                       gone not in mapped(pid), 30,
+                       "swap %d: %s in, %s out" % (i, want, gone))
+            # A call served by the new implementation before the next swap.
+            seen = stamp()
+            wait_until(lambda: stamp() != seen, 30,
+                       "a Put after swap %d" % i)
+        open(stop, "w").close()
+        out, err = gp.communicate(timeout=60 * SLOW)
+        assert gp.returncode == 0, err.decode()
+        res = json.loads(out.decode().strip().splitlines()[-1])
+        assert res["n"] > swaps, res
+        sys.stderr.write("go client during %d swaps: %d Put calls, p50 %.0f "
+                         "us, p99 %.0f us, max %.0f us\n" % (
+                             swaps, res["n"], res["p50_us"], res["p99_us"],
+                             res["max_us"]))
+    finally:
+        if gp.poll() is None:
+            gp.kill()
+            gp.wait()

@@ -14,7 +14,7 @@
  *   rpcplugin_runtime_start(rt, &err);                // pollers + start
  *   ... rpcplugin_module_put_line(mod, RPCPLUGIN_STDOUT, "hi\n", 3) ...
  *   ... opts.on_shutdown fires (client called Shutdown) or a signal ...
- *   rpcplugin_runtime_shutdown(rt);   // stop accepting, flush, stop modules
+ *   rpcplugin_runtime_shutdown(rt);   // stop serving, flush, stop modules
  *   ... join the host threads that call put_line (they now get
  *       RPCPLUGIN_ESHUTDOWN instead of waiting) ...
  *   rpcplugin_runtime_destroy(rt);    // destroy and dlclose the modules
@@ -194,20 +194,21 @@ int rpcplugin_runtime_enable_reflection(rpcplugin_runtime *rt,
  * rpcplugin_tag. */
 grpc_completion_queue *rpcplugin_runtime_cq(rpcplugin_runtime *rt);
 
-/* The graceful path, idempotent, from a control thread: stop accepting
- * (grpc_server_shutdown_and_notify), shut every module down (stdio streams
- * flush first, blocked put_line calls return RPCPLUGIN_ESHUTDOWN), cancel
- * what is left, drain the queue and join the pollers.  Modules stay loaded,
+/* The graceful path, idempotent, from a control thread: stop serving new
+ * calls, shut every module down (stdio streams flush first, blocked
+ * put_line calls return RPCPLUGIN_ESHUTDOWN), let the clients read what
+ * was sent, stop accepting (grpc_server_shutdown_and_notify), cancel what
+ * is left, drain the queue and join the pollers.  Modules stay loaded,
  * answering every entry with RPCPLUGIN_ESHUTDOWN, until
  * rpcplugin_runtime_destroy.  Returns RPCPLUGIN_EWRONGTHREAD on a poller
  * thread. */
 int rpcplugin_runtime_shutdown(rpcplugin_runtime *rt);
 
 /* The first half of rpcplugin_runtime_shutdown, for a host that wants to
- * exit as soon as nothing a client can see is pending: stop accepting, shut
+ * exit as soon as nothing a client can see is pending: stop serving, shut
  * the modules down (streams flush and end with OK, put_line answers
- * RPCPLUGIN_ESHUTDOWN), and give connections close_grace_ms to close by
- * themselves.  A host that calls _exit after it (and after removing its
+ * RPCPLUGIN_ESHUTDOWN), give the clients up to close_grace_ms to read what
+ * was sent, then stop accepting (GOAWAY).  A host that calls _exit after it (and after removing its
  * socket) loses nothing; rpcplugin_runtime_shutdown does the rest (cuts
  * what is left, drains the queue, joins the pollers) and may follow at any
  * time.  Calls from several threads wait for the one that drains.  Returns

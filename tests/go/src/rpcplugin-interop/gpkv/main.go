@@ -6,11 +6,13 @@
 //
 //	gpkv [--automtls] [--timeout 10s] [--plugin CMD] get KEY
 //	gpkv [--automtls] [--timeout 10s] [--plugin CMD] put KEY VALUE
-//	gpkv [--automtls] [--plugin CMD] bench [--n 10000] [--concurrency 4] [--size 64]
+//	gpkv [--automtls] [--plugin CMD] bench [--n 10000] [--concurrency 4] [--size 64] [--stop-file F]
 //
 // get prints the value's bytes and a newline.  bench makes N Put calls of
 // SIZE-byte values from C goroutines on one dispensed client and prints one
-// JSON line with p50/p99 latency (µs) and calls/s.  Any failure prints
+// JSON line with p50/p99 latency (µs) and calls/s; with --stop-file it
+// stops early once file F exists (N is then a maximum, and "n" in the line
+// the calls made).  Any failure prints
 // "FAIL <step>: <error>" on stderr and exits 1.
 package main
 
@@ -37,7 +39,7 @@ func main() {
 	c := kvshared.NewCommand("gpkv", `usage:
   gpkv [FLAGS] get KEY
   gpkv [FLAGS] put KEY VALUE
-  gpkv [FLAGS] bench [--n N] [--concurrency C] [--size BYTES] [--warmup N] [--key PREFIX]
+  gpkv [FLAGS] bench [--n N] [--concurrency C] [--size BYTES] [--warmup N] [--key PREFIX] [--stop-file F]
 `, env)
 	switch c.Op {
 	case "get", "put":
@@ -54,6 +56,7 @@ func main() {
 		c.Sub.IntVar(&b.size, "size", 64, "value size in bytes")
 		c.Sub.IntVar(&b.warmup, "warmup", 100, "untimed Put calls before the timed ones")
 		c.Sub.StringVar(&b.key, "key", "bench", "key prefix; goroutine i uses PREFIX<i>")
+		c.Sub.StringVar(&b.stopFile, "stop-file", "", "stop the timed calls once this file exists")
 		if len(c.Parse()) != 0 || b.n < 1 || b.concurrency < 1 || b.size < 0 || b.warmup < 0 {
 			c.Usage()
 		}
@@ -95,7 +98,7 @@ func getPut(h *kvshared.HostFlags, op string, args []string) {
 
 type benchOpts struct {
 	n, concurrency, size, warmup int
-	key                          string
+	key, stopFile                string
 }
 
 // benchResult is the JSON line bench prints.
@@ -150,6 +153,12 @@ func bench(h *kvshared.HostFlags, b *benchOpts) {
 				if i >= int64(b.n) {
 					return
 				}
+				if b.stopFile != "" {
+					if _, err := os.Stat(b.stopFile); err == nil {
+						atomic.StoreInt64(&next, int64(b.n))
+						return
+					}
+				}
 				d, err := put(key)
 				if err != nil {
 					errOnce.Do(func() { firstErr = fmt.Errorf("call %d: %w", i, err) })
@@ -178,6 +187,17 @@ func bench(h *kvshared.HostFlags, b *benchOpts) {
 		kvshared.Fail("bench verify", errors.New("Get after the Puts does not return the value"))
 	}
 
+	// Calls not made (stopped early) left a zero.
+	made := lat[:0]
+	for _, d := range lat {
+		if d > 0 {
+			made = append(made, d)
+		}
+	}
+	lat = made
+	if len(lat) == 0 {
+		kvshared.Fail("bench", errors.New("no call was made"))
+	}
 	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
 	var sum time.Duration
 	for _, d := range lat {
@@ -185,10 +205,10 @@ func bench(h *kvshared.HostFlags, b *benchOpts) {
 	}
 	us := func(d time.Duration) float64 { return math.Round(float64(d)/float64(time.Microsecond)*10) / 10 }
 	line, _ := json.Marshal(benchResult{
-		Program: "gpkv", Op: "put", N: b.n, Concurrency: b.concurrency, Size: b.size,
+		Program: "gpkv", Op: "put", N: len(lat), Concurrency: b.concurrency, Size: b.size,
 		AutoMTLS:  h.AutoMTLS,
 		ElapsedS:  math.Round(elapsed.Seconds()*1e6) / 1e6,
-		CallsPerS: math.Round(float64(b.n)/elapsed.Seconds()*10) / 10,
+		CallsPerS: math.Round(float64(len(lat))/elapsed.Seconds()*10) / 10,
 		P50us:     us(percentile(lat, 0.50)),
 		P99us:     us(percentile(lat, 0.99)),
 		MinUs:     us(lat[0]),
