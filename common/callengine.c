@@ -229,19 +229,20 @@ static void close_op_done(rpcplugin_tag *tag, int ok);
 
 rp_call *rp_call_import(rp_callset *set, RP_CALL_OWNER *owner,
                         const rpcplugin_host_api *host,
-                        const rp_call_handoff *ex, size_t svc_size) {
-  rp_call *c = rp_call_adopt(set, owner, ex->call, svc_size);
+                        const rpcplugin_handover_stream *hs,
+                        size_t svc_size) {
+  rp_call *c = rp_call_adopt(set, owner, hs->call, svc_size);
   rpcplugin_relay *given[3];
   rp_op *ops[3];
   int i;
   if (c == NULL) return NULL; /* the call was cancelled and released */
-  given[0] = ex->send;
-  given[1] = ex->recv;
-  given[2] = ex->close;
+  given[0] = hs->send;
+  given[1] = hs->recv;
+  given[2] = hs->close;
   ops[0] = &c->send_op;
   ops[1] = &c->recv_op;
   ops[2] = &c->close_op;
-  c->md_sent = ex->md_sent;
+  c->md_sent = hs->metadata_sent;
   c->host = host;
   c->send_op.tag.on_done = send_op_done;
   c->recv_op.tag.on_done = recv_op_done;

@@ -117,14 +117,16 @@ typedef struct rp_call_handoff {
  * the grpc_call is not cancelled).  RPCPLUGIN_ESTATE without relays or with
  * a finish in flight. */
 int rp_call_export(rp_call *c, rp_call_handoff *out);
-/* Take a call handed over: like rp_call_adopt, with the pending batches of
- * ex (each holds a reference of the call, as a batch started here would).
+/* Take a call handed over (one stream of an rpcplugin_handover): like
+ * rp_call_adopt, with the pending batches of hs (each holds a reference of
+ * the call, as a batch started here would).
  * Nothing runs until rp_call_resume attaches the relays with the
  * callbacks for the pending send, receive and close batches (a completion
  * that came meanwhile is delivered then, on the calling thread). */
 rp_call *rp_call_import(rp_callset *set, RP_CALL_OWNER *owner,
                         const rpcplugin_host_api *host,
-                        const rp_call_handoff *ex, size_t svc_size);
+                        const rpcplugin_handover_stream *hs,
+                        size_t svc_size);
 void rp_call_resume(rp_call *c, rp_call_cb send_cb, rp_call_cb recv_cb,
                     rp_call_cb close_cb);
 

@@ -1136,12 +1136,15 @@ static void trace_step(rpcplugin_runtime *rt, const struct timespec *t0,
  * their peers have not read yet (unix sockets) or not acknowledged (tcp),
  * summed over every such socket: SIOCOUTQ, which for a unix socket counts
  * what sits unread in the peer's receive queue.  Listening sockets and
- * other descriptors are skipped; 0 when /proc/self/fd cannot be read. */
-static long rp_unread_outgoing_bytes(void) {
+ * other descriptors are skipped; 0 when /proc/self/fd cannot be read.
+ * *nconnected: how many such sockets there are (-1: unknown). */
+static long rp_unread_outgoing_bytes(int *nconnected) {
   DIR *d = opendir("/proc/self/fd");
   struct dirent *e;
   long total = 0;
+  *nconnected = -1; /* unknown */
   if (d == NULL) return 0;
+  *nconnected = 0;
   while ((e = readdir(d)) != NULL) {
     struct stat st;
     int fd, listening = 0, type = 0, outq = 0;
@@ -1160,6 +1163,7 @@ static long rp_unread_outgoing_bytes(void) {
     if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 ||
         listening)
       continue;
+    (*nconnected)++;
     if (ioctl(fd, SIOCOUTQ, &outq) == 0 && outq > 0) total += outq;
   }
   closedir(d);
@@ -1239,27 +1243,31 @@ int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
    * anything (a window update, a ping ack) to a connection the server has
    * already closed fails all its calls, even those whose data sits unread
    * in its socket: cutting at once lost the Shutdown reply, or a stream's
-   * last messages and status, now and then.  So wait until no connected
-   * socket of the process holds bytes its peer has not read yet (for
-   * RT_QUIET_LOOKS looks 2 ms apart; go-plugin clients close right after
-   * Shutdown), or until those bytes stopped going down for RT_STALL_MS
+   * last messages and status, now and then.  So wait until the process
+   * has no connected stream socket left (go-plugin clients close right
+   * after Shutdown), until none holds bytes its peer has not read yet (for
+   * RT_QUIET_LOOKS looks 2 ms apart), or until those bytes stopped going
+   * down for RT_STALL_MS
    * (nobody reads them: a stuck client), at most close_grace_ms (a slow
    * client still reading a stream's last window). */
   if (was_started && rt->npollers && rt->opts.close_grace_ms >= 0) {
     struct timespec until, step, progress;
     long last = -1;
-    int quiet = 0, timed_out = 0, stalled = 0;
+    int quiet = 0, timed_out = 0, stalled = 0, nconn = -1;
     rp_deadline_after_ms(&until, rt->opts.close_grace_ms
                                      ? rt->opts.close_grace_ms
                                      : RPCPLUGIN_CLOSE_GRACE_MS);
     rp_deadline_after_ms(&progress, 0);
     pthread_mutex_lock(&rt->mu);
-    while (!rt->server_down && quiet < RT_QUIET_LOOKS && !timed_out &&
-           !stalled) {
+    while (quiet < RT_QUIET_LOOKS && !timed_out && !stalled) {
       long unread;
       struct timespec now;
       pthread_mutex_unlock(&rt->mu);
-      unread = rp_unread_outgoing_bytes();
+      unread = rp_unread_outgoing_bytes(&nconn);
+      if (nconn == 0) { /* every client closed (go-plugin's do at once) */
+        pthread_mutex_lock(&rt->mu);
+        break;
+      }
       rp_deadline_after_ms(&now, 0);
       quiet = unread == 0 ? quiet + 1 : 0;
       if (last < 0 || unread < last) {
@@ -1271,14 +1279,15 @@ int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
       pthread_mutex_lock(&rt->mu);
       rp_deadline_after_ms(&step, 2);
       if (rp_timespec_before(&until, &step)) step = until;
-      if (!rt->server_down && !stalled &&
+      if (!stalled &&
           pthread_cond_timedwait(&rt->cv, &rt->mu, &step) == ETIMEDOUT &&
           !rp_timespec_before(&step, &until))
         timed_out = 1;
     }
     pthread_mutex_unlock(&rt->mu);
     trace_step(rt, &rt->t_stop,
-               quiet >= RT_QUIET_LOOKS ? "clients read everything"
+               nconn == 0 ? "connections closed"
+               : quiet >= RT_QUIET_LOOKS ? "clients read everything"
                : stalled       ? "clients stopped reading"
                                : "clients still reading after the grace");
   }

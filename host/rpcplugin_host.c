@@ -906,6 +906,17 @@ static void log_stats(void) {
       (unsigned long long)st.broker_messages_in);
 }
 
+/* One module's part of a swap's log line: its times and, for the
+ * infrastructure module, what became of the open streams. */
+static void swap_parts(char *buf, size_t len, const rpcplugin_swap_info *si,
+                       int streams) {
+  snprintf(buf, len, "load %.3f ms, switch %.3f ms, retire %.3f ms%s",
+           si->load_ms, si->switch_ms, si->retire_ms,
+           !streams            ? ""
+           : si->handover == 0 ? ", streams handed over"
+                               : ", streams ended: no handover");
+}
+
 /* SIGHUP: swap the implementation (rpcplugin_module_swap) to the next
  * manifest, read from disk now.  A failure keeps the old one serving. */
 static void swap_now(void) {
@@ -937,22 +948,20 @@ static void swap_now(void) {
   if (rpcplugin_module_swap(H.swap_mod, m, H.load_opts, &si, &err) != 0)
     goto failed;
   H.swap_count++;
-  if (infra)
-    say("swap %lu to %s: ok in %.3f ms (infrastructure %s: %.3f ms, switch "
-        "%.3f ms%s; application: %.3f ms, switch %.3f ms)",
-        H.swap_count, path, (double)(now_us() - t0) / 1e3, H.infra_path,
-        isi.total_ms, isi.switch_ms,
-        isi.handover == 0 ? ", streams handed over"
-                          : ", streams ended: no handover",
-        si.total_ms, si.switch_ms);
-  else
-    say("swap %lu to %s: ok in %.3f ms (load %.3f ms, switch %.3f ms, "
-        "retire %.3f ms%s)",
-        H.swap_count, path, si.total_ms, si.load_ms, si.switch_ms,
-        si.retire_ms,
-        H.swap_mod != H.mod ? ""
-        : si.handover == 0  ? ", streams handed over"
-                            : ", streams ended: no handover");
+  {
+    char app[160], inf[200];
+    swap_parts(app, sizeof app, &si, H.swap_mod == H.mod);
+    if (infra) {
+      swap_parts(inf, sizeof inf, &isi, 1);
+      say("swap %lu to %s: ok in %.3f ms (infrastructure %s: %s; "
+          "application: %s)",
+          H.swap_count, path, (double)(now_us() - t0) / 1e3, H.infra_path,
+          inf, app);
+    } else {
+      say("swap %lu to %s: ok in %.3f ms (%s)", H.swap_count, path,
+          si.total_ms, app);
+    }
+  }
   rpcplugin_manifest_free(im);
   rpcplugin_manifest_free(m);
   return;

@@ -1250,7 +1250,6 @@ void rp_broker_handover_in(rp_broker *b, const rpcplugin_handover *h) {
   pthread_mutex_unlock(&b->mu);
   for (i = 0; i < h->nstreams; i++) {
     const rpcplugin_handover_stream *hs = &h->streams[i];
-    rp_call_handoff ex;
     actions a = {0};
     rp_call *c;
     bstream *st;
@@ -1258,13 +1257,7 @@ void rp_broker_handover_in(rp_broker *b, const rpcplugin_handover *h) {
     const uint8_t *u = hs->unsent;
     int need_recv, need_md;
     if (strcmp(hs->method, "/plugin.GRPCBroker/StartStream") != 0) continue;
-    ex.call = hs->call;
-    ex.send = hs->send;
-    ex.recv = hs->recv;
-    ex.close = hs->close;
-    ex.md_sent = hs->metadata_sent;
-    c = rp_call_import(&inst->calls, inst, &inst->host, &ex,
-                       sizeof(bstream));
+    c = rp_call_import(&inst->calls, inst, &inst->host, hs, sizeof(bstream));
     if (c == NULL) continue;
     st = c->svc;
     st->c = c;

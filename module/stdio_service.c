@@ -525,18 +525,12 @@ void rp_stdio_handover_in(rp_stdio *s, const rpcplugin_handover *h) {
   /* 2. The streams, with their write in flight. */
   for (i = 0; i < h->nstreams; i++) {
     const rpcplugin_handover_stream *hs = &h->streams[i];
-    rp_call_handoff ex;
     rp_call *c;
     stream *st;
     rp_call_cb send_cb = NULL;
     int start_md = 0;
     if (strcmp(hs->method, "/plugin.GRPCStdio/StreamStdio") != 0) continue;
-    ex.call = hs->call;
-    ex.send = hs->send;
-    ex.recv = hs->recv;
-    ex.close = hs->close;
-    ex.md_sent = hs->metadata_sent;
-    c = rp_call_import(&inst->calls, inst, &inst->host, &ex, sizeof(stream));
+    c = rp_call_import(&inst->calls, inst, &inst->host, hs, sizeof(stream));
     if (c == NULL) continue;
     st = c->svc;
     st->c = c;
