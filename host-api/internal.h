@@ -14,6 +14,17 @@ int rp_error(rpcplugin_error *err, int code, const char *fmt, ...)
     RP_PRINTF(3, 4);
 void rp_error_clear(rpcplugin_error *err);
 
+/* The loader's trust rule for a file it reads or loads (what sudo and
+ * CrowdSec check of their plugins), on the open descriptor's fstat: a file
+ * that anyone but root or the user the host runs as owns, or that its
+ * group or everyone may write, is refused with RPCPLUGIN_EREFUSED and a
+ * sentence naming the file, its owner or mode, and the rule.  what is
+ * "manifest" or "module"; where (may be NULL) the manifest that named it. */
+struct stat;
+int rp_check_trusted(const struct stat *st, const char *what,
+                     const char *path, const char *where,
+                     rpcplugin_error *err);
+
 /* Manifest internals. */
 const char *rp_manifest_dir(const rpcplugin_manifest *m);
 const char *rp_service_name(unsigned bit);

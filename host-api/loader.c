@@ -6,7 +6,8 @@
  *   1. resolve the manifest's "module" (its folder, the caller's search
  *      path, $RPCPLUGIN_MODULE_PATH, <libdir>/rpcplugin next to this
  *      library, the configured install folder) and open it;
- *   2. fstat the open descriptor: a regular file, not writable by everyone
+ *   2. fstat the open descriptor: a regular file, owned by root or the
+ *      user the host runs as, not writable by group or others
  *      (checked on the descriptor, not by path, so the file checked is the
  *      file mapped: dlopen goes through /proc/self/fd/N);
  *   3. dlopen RTLD_NOW | RTLD_LOCAL, then dlsym the one entry symbol;
@@ -301,12 +302,10 @@ static int gen_load(rpcplugin_runtime *rt, rpcplugin_module *mod,
     return rp_error(err, RPCPLUGIN_EDLOPEN, "%s: module %s: not a regular file",
                     rpcplugin_manifest_path(m), path);
   }
-  if (st.st_mode & S_IWOTH) {
+  if ((rc = rp_check_trusted(&st, "module", path,
+                             rpcplugin_manifest_path(m), err)) != 0) {
     close(fd);
-    return rp_error(err, RPCPLUGIN_EREFUSED,
-                    "%s: module %s is writable by everyone; refusing to load "
-                    "it",
-                    rpcplugin_manifest_path(m), path);
+    return rc;
   }
   if (rp_runtime_file_loaded(rt, st.st_dev, st.st_ino)) {
     /* The same file is loaded already (a reload, a swap back to it): load

@@ -19,6 +19,8 @@
 #include <unistd.h>
 
 #include <dlfcn.h>
+#include <grp.h>
+#include <pwd.h>
 
 #include <cjson/cJSON.h>
 
@@ -345,6 +347,10 @@ int rpcplugin_manifest_load(const char *path, rpcplugin_manifest **out,
     close(fd);
     return rp_error(err, RPCPLUGIN_EMANIFEST, "%s: not a regular file", path);
   }
+  if ((rc = rp_check_trusted(&st, "manifest", path, NULL, err)) != 0) {
+    close(fd);
+    return rc;
+  }
   if (st.st_size > MANIFEST_MAX_BYTES) {
     close(fd);
     return rp_error(err, RPCPLUGIN_EMANIFEST,
@@ -514,4 +520,56 @@ int rpcplugin_manifest_load_infrastructure(const rpcplugin_manifest *app,
   return rp_error(err, RPCPLUGIN_ENOENT,
                   "%s: field \"infrastructure\": no manifest \"%s\" in %s",
                   app->path, name, tried);
+}
+
+/* ------------------------------------------------------------- trust */
+
+static void user_name(uid_t uid, char *buf, size_t len) {
+  struct passwd pw, *res = NULL;
+  char tmp[1024];
+  if (getpwuid_r(uid, &pw, tmp, sizeof tmp, &res) == 0 && res)
+    snprintf(buf, len, "%s (uid %lu)", res->pw_name, (unsigned long)uid);
+  else
+    snprintf(buf, len, "uid %lu", (unsigned long)uid);
+}
+
+static void group_name(gid_t gid, char *buf, size_t len) {
+  struct group gr, *res = NULL;
+  char tmp[1024];
+  if (getgrgid_r(gid, &gr, tmp, sizeof tmp, &res) == 0 && res)
+    snprintf(buf, len, "%s (gid %lu)", res->gr_name, (unsigned long)gid);
+  else
+    snprintf(buf, len, "gid %lu", (unsigned long)gid);
+}
+
+int rp_check_trusted(const struct stat *st, const char *what,
+                     const char *path, const char *where,
+                     rpcplugin_error *err) {
+  char who[300], me[300];
+  const char *pre = where ? where : "", *sep = where ? ": " : "";
+  unsigned mode = (unsigned)(st->st_mode & 07777);
+  if (st->st_mode & S_IWOTH)
+    return rp_error(err, RPCPLUGIN_EREFUSED,
+                    "%s%s%s %s is writable by everyone (mode %04o); refusing "
+                    "to load it: a %s must not be writable by group or others "
+                    "(chmod go-w)",
+                    pre, sep, what, path, mode, what);
+  if (st->st_mode & S_IWGRP) {
+    group_name(st->st_gid, who, sizeof who);
+    return rp_error(err, RPCPLUGIN_EREFUSED,
+                    "%s%s%s %s is writable by its group %s (mode %04o); "
+                    "refusing to load it: a %s must not be writable by group "
+                    "or others (chmod g-w)",
+                    pre, sep, what, path, who, mode, what);
+  }
+  if (st->st_uid != 0 && st->st_uid != geteuid()) {
+    user_name(st->st_uid, who, sizeof who);
+    user_name(geteuid(), me, sizeof me);
+    return rp_error(err, RPCPLUGIN_EREFUSED,
+                    "%s%s%s %s is owned by %s; refusing to load it: a %s "
+                    "must be owned by root or by the user the host runs as, "
+                    "%s",
+                    pre, sep, what, path, who, what, me);
+  }
+  return 0;
 }

@@ -186,6 +186,48 @@ def test_flush_then_ok_on_shutdown(make_host, tmp_path):
     assert host.wait_event("EXIT") == "EXIT 0"
 
 
+def test_put_line_from_8_threads_during_shutdown(make_host, tmp_path):
+    """Eight host threads put_line while the client reads and then calls
+    Shutdown: every producer returns (RPCPLUGIN_ESHUTDOWN once the queue
+    closed, never stuck), and each producer's chunks that put_line accepted
+    reach the client, exactly once and in order, before the stream ends
+    OK: the block policy loses nothing it accepted."""
+    host = make(make_host, tmp_path, flush_deadline_ms=30000)
+    call = open_stream(host)
+    n, sizes = 200000, [64 + k for k in range(8)]
+    for size in sizes:  # the size tells the producers apart
+        assert host.cmd("bg putseq 1 %d %d" % (n, size)) == "OK bg"
+    seen = {size: [] for size in sizes}
+    got = threading.Event()
+
+    def before():
+        assert got.wait(60 * SLOW)
+
+    # Read a while, then shut down mid-flow.
+    msgs = []
+    for m in call:
+        msgs.append(m)
+        if len(msgs) >= 2000:
+            break
+    got.set()
+    rest = shutdown_and_collect(host, call, before=before)
+    done = [host.wait_event("BGDONE", timeout=60) for _ in sizes]
+    for d in done:
+        # "BGDONE OK putseq N" (all put) or "BGDONE ERR putseq N" (the
+        # queue closed after N were accepted)
+        parts = d.split()
+        assert parts[1] in ("OK", "ERR") and parts[2] == "putseq", d
+    for m in msgs + rest:
+        assert len(m.data) in seen, len(m.data)
+        seen[len(m.data)].append(seq_of(m.data))
+    counts = sorted(len(v) for v in seen.values())
+    assert sorted(int(d.split()[3]) for d in done) == counts, (done, counts)
+    for size, seqs in seen.items():
+        assert seqs == list(range(len(seqs))), size  # in order, once each
+    assert sum(counts) < 8 * n, "the producers all finished before Shutdown"
+    assert host.wait_event("EXIT") == "EXIT 0"
+
+
 def test_cancel_mid_stream_then_next_stream_gets_rest(make_host, tmp_path):
     host = make(make_host, tmp_path, flush_deadline_ms=20000)
     a = open_stream(host)

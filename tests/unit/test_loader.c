@@ -145,6 +145,91 @@ static void test_files(void) {
   end_runtime();
 }
 
+/* The trust rule (sudo's and CrowdSec's for their plugins), checked on the
+ * descriptor: a module or manifest writable by group or others, or owned
+ * by anyone but root or this user, is refused, naming file, mode or owner,
+ * and the rule. */
+static void copy_file(const char *from, const char *to, mode_t mode) {
+  char buf[65536];
+  int in = open(from, O_RDONLY), out, n;
+  unlink(to);
+  out = open(to, O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  CHECK(in >= 0 && out >= 0);
+  while ((n = (int)read(in, buf, sizeof buf)) > 0)
+    CHECK(write(out, buf, (size_t)n) == n);
+  close(in);
+  close(out);
+  CHECK(chmod(to, mode) == 0);
+}
+
+static int load_manifest_file(const char *path, rpcplugin_error *err) {
+  rpcplugin_manifest *m = NULL;
+  int rc = rpcplugin_manifest_load(path, &m, err);
+  rpcplugin_manifest_free(m);
+  return rc;
+}
+
+static void test_trust(void) {
+  rpcplugin_module *mod = NULL;
+  rpcplugin_error err;
+  char module[600], path[600], man[600];
+  FILE *f;
+  new_runtime();
+  snprintf(module, sizeof module, "%s/rpcplugin_services.so", moddir);
+  snprintf(path, sizeof path, "%s/trust.so", tmpdir);
+
+  /* Group-writable module. */
+  copy_file(module, path, 0775);
+  CHECK_EQ_INT(load(path, "[\"plugin.GRPCStdio\"]", NULL, &mod, &err),
+               RPCPLUGIN_EREFUSED);
+  CHECK_CONTAINS(err.message, path);
+  CHECK_CONTAINS(err.message, "is writable by its group");
+  CHECK_CONTAINS(err.message, "mode 0775");
+  CHECK_CONTAINS(err.message, "must not be writable by group or others");
+  CHECK_CONTAINS(err.message, "m.json"); /* the manifest that named it */
+
+  /* The same file made safe loads. */
+  CHECK(chmod(path, 0755) == 0);
+  CHECK_EQ_INT(load(path, "[\"plugin.GRPCStdio\"]", NULL, &mod, &err), 0);
+  if (mod) CHECK_EQ_INT(rpcplugin_module_unload(mod), 0);
+  mod = NULL;
+
+  /* A manifest writable by everyone, then by its group. */
+  snprintf(man, sizeof man, "%s/open.json", tmpdir);
+  f = fopen(man, "w");
+  fprintf(f, "{\"manifest_version\": 1, \"name\": \"t\", \"module\": "
+             "\"%s\", \"abi_version\": \"1.0\", \"protocol_version\": 1, "
+             "\"services\": [\"plugin.GRPCStdio\"]}", path);
+  fclose(f);
+  CHECK(chmod(man, 0666) == 0);
+  CHECK_EQ_INT(load_manifest_file(man, &err), RPCPLUGIN_EREFUSED);
+  CHECK_CONTAINS(err.message, "manifest");
+  CHECK_CONTAINS(err.message, man);
+  CHECK_CONTAINS(err.message, "writable by everyone (mode 0666)");
+  CHECK(chmod(man, 0620) == 0);
+  CHECK_EQ_INT(load_manifest_file(man, &err), RPCPLUGIN_EREFUSED);
+  CHECK_CONTAINS(err.message, "writable by its group");
+  CHECK(chmod(man, 0644) == 0);
+  CHECK_EQ_INT(load_manifest_file(man, &err), 0);
+
+  /* Owned by another user (needs root to give it away). */
+  if (geteuid() == 0) {
+    CHECK(chown(path, 65534, 65534) == 0);
+    CHECK_EQ_INT(load(path, "[\"plugin.GRPCStdio\"]", NULL, &mod, &err),
+                 RPCPLUGIN_EREFUSED);
+    CHECK_CONTAINS(err.message, "is owned by");
+    CHECK_CONTAINS(err.message, "uid 65534");
+    CHECK_CONTAINS(err.message, "must be owned by root or by the user the "
+                                "host runs as, root (uid 0)");
+    CHECK(chown(man, 65534, 65534) == 0);
+    CHECK_EQ_INT(load_manifest_file(man, &err), RPCPLUGIN_EREFUSED);
+    CHECK_CONTAINS(err.message, "uid 65534");
+  } else {
+    fprintf(stderr, "test_trust: not root, ownership not tested\n");
+  }
+  end_runtime();
+}
+
 static void test_newer_minor(void) {
   rpcplugin_module *mod = NULL;
   rpcplugin_error err;
@@ -232,6 +317,7 @@ int main(int argc, char **argv) {
   grpc_init();
   test_refused();
   test_files();
+  test_trust();
   test_newer_minor();
   test_routes();
   grpc_shutdown_blocking();

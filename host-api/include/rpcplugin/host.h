@@ -65,7 +65,11 @@ enum rpcplugin_service {
 };
 
 /* Read and validate a manifest file.  Unknown keys and wrong types are
- * errors naming the file, the field and what was expected. */
+ * errors naming the file, the field and what was expected.  A file
+ * writable by its group or by everyone, or owned by anyone but root or the
+ * user the process runs as, is refused with RPCPLUGIN_EREFUSED (checked on
+ * the open descriptor; rpcplugin_module_load checks the module the same
+ * way). */
 int rpcplugin_manifest_load(const char *path, rpcplugin_manifest **out,
                             rpcplugin_error *err);
 
