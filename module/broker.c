@@ -877,6 +877,17 @@ static void stream_call(rp_instance *inst, grpc_call *call,
     return;
   }
   pthread_mutex_lock(&b->mu);
+  if (b->nstreams >= inst->cfg.broker.max_streams) {
+    /* Refused; its close watch finds it closed and only releases it. */
+    char why[160];
+    st->closed = 1;
+    pthread_mutex_unlock(&b->mu);
+    snprintf(why, sizeof why,
+             "too many GRPCBroker streams: %u open (config.broker.max_streams)",
+             inst->cfg.broker.max_streams);
+    rp_call_cancel(c, GRPC_STATUS_RESOURCE_EXHAUSTED, why);
+    return;
+  }
   st->next = b->streams;
   if (b->streams) b->streams->prev = st;
   b->streams = st;

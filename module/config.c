@@ -18,6 +18,8 @@ void rp_config_defaults(rp_config *c) {
   c->stdio.max_message_bytes = 4u << 20; /* gRPC's default receive limit */
   c->stdio.coalesce_bytes = 0;
   c->stdio.flush_deadline_ms = 1000;
+  c->stdio.max_streams = 16;
+  c->broker.max_streams = 1024;
   c->broker.max_subchannels = 128;
   c->broker.max_pending_per_stream = 4096;
   c->broker.connect_timeout_ms = 5000;
@@ -29,7 +31,8 @@ void rp_config_defaults(rp_config *c) {
 static int parse_stdio(const cJSON *o, rp_config *c, jf_err e) {
   static const char *const keys[] = {
       "queue_bytes",    "overflow",          "block_timeout_ms",
-      "max_message_bytes", "coalesce_bytes", "flush_deadline_ms", NULL};
+      "max_message_bytes", "coalesce_bytes", "flush_deadline_ms",
+      "max_streams", NULL};
   static const char *const policies[] = {"block", "drop_oldest",
                                          "drop_newest", NULL};
   long long v;
@@ -56,16 +59,22 @@ static int parse_stdio(const cJSON *o, rp_config *c, jf_err e) {
   if (jf_int(o, "config.stdio", "flush_deadline_ms", 0, 600000, &v, e))
     return -1;
   c->stdio.flush_deadline_ms = (long)v;
+  v = c->stdio.max_streams;
+  if (jf_int(o, "config.stdio", "max_streams", 1, 100000, &v, e)) return -1;
+  c->stdio.max_streams = (unsigned)v;
   return 0;
 }
 
 static int parse_broker(const cJSON *o, rp_config *c, jf_err e) {
   static const char *const keys[] = {
-      "max_subchannels", "max_pending_per_stream", "connect_timeout_ms",
-      "networks", "allow_non_loopback", NULL};
+      "max_streams", "max_subchannels", "max_pending_per_stream",
+      "connect_timeout_ms", "networks", "allow_non_loopback", NULL};
   long long v;
   const cJSON *nets;
   if (jf_known_keys(o, "config.broker", keys, e)) return -1;
+  v = c->broker.max_streams;
+  if (jf_int(o, "config.broker", "max_streams", 1, 100000, &v, e)) return -1;
+  c->broker.max_streams = (unsigned)v;
   v = c->broker.max_subchannels;
   if (jf_int(o, "config.broker", "max_subchannels", 0, 100000, &v, e))
     return -1;

@@ -2,8 +2,9 @@
  * config.h - the module's settings, from the manifest's "config" object.
  *
  *   "stdio":  { "queue_bytes", "overflow", "block_timeout_ms",
- *               "max_message_bytes", "coalesce_bytes", "flush_deadline_ms" }
- *   "broker": { "max_subchannels", "max_pending_per_stream",
+ *               "max_message_bytes", "coalesce_bytes", "flush_deadline_ms",
+ *               "max_streams" }
+ *   "broker": { "max_streams", "max_subchannels", "max_pending_per_stream",
  *               "connect_timeout_ms", "networks", "allow_non_loopback" }
  *
  * Unknown keys and wrong types are errors naming the field.
@@ -23,8 +24,10 @@ typedef struct rp_config {
     size_t max_message_bytes; /* encoded StdioData at most this */
     size_t coalesce_bytes;    /* 0: one message per chunk */
     long flush_deadline_ms;   /* shutdown waits this long for streams */
+    unsigned max_streams;     /* StreamStdio streams open at once */
   } stdio;
   struct {
+    unsigned max_streams; /* StartStream streams open at once */
     unsigned max_subchannels;
     unsigned max_pending_per_stream;
     long connect_timeout_ms;

@@ -319,6 +319,19 @@ static void stream_call(rp_instance *inst, grpc_call *call,
     return;
   }
   pthread_mutex_lock(&s->q.mu);
+  if (s->nstreams >= inst->cfg.stdio.max_streams) {
+    /* A flood of streams that never read would each hold a message in
+     * flight: the client that reads would get little.  Refused; its close
+     * watch finds it closed and only releases it. */
+    char why[160];
+    st->closed = 1;
+    pthread_mutex_unlock(&s->q.mu);
+    snprintf(why, sizeof why,
+             "too many StreamStdio streams: %u open (config.stdio.max_streams)",
+             inst->cfg.stdio.max_streams);
+    rp_call_cancel(c, GRPC_STATUS_RESOURCE_EXHAUSTED, why);
+    return;
+  }
   st->next = s->streams;
   if (s->streams) s->streams->prev = st;
   s->streams = st;

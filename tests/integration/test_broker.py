@@ -13,6 +13,7 @@ import pytest
 from brokerutil import (BrokerStream, ConnInfo, Knock, Recorder, closed_port,
                         health_server, knock_close, knock_open)
 from conftest import SLOW, write_manifest
+from hostutil import wait_until
 
 
 def make(make_host, tmp_path, **broker):
@@ -220,6 +221,30 @@ def test_limits(make_host, tmp_path, target):
     finally:
         silent.close()
     assert s.end() == []
+
+
+def test_stream_limit(make_host, tmp_path):
+    """config.broker.max_streams: a stream beyond it ends at once with
+    RESOURCE_EXHAUSTED naming the setting; those open go on answering; once
+    one ends, a new one is accepted."""
+    host = make(make_host, tmp_path, max_streams=2)
+    a, b = BrokerStream(host.channel()), BrokerStream(host.channel())
+    for s in (a, b):
+        s.send(knock_close(5))
+        assert_error(s.recv(), 5, "not found")
+    c = BrokerStream(host.channel())
+    assert c.replies.get(timeout=20 * SLOW) is None  # ended, nothing sent
+    assert c.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "config.broker.max_streams" in c.error.details()
+    a.send(knock_close(6))
+    assert_error(a.recv(), 6, "not found")
+    assert a.end() == []
+    wait_until(lambda: host.stats()["broker_streams"] == 1, 10,
+               "the first stream to be gone")
+    d = BrokerStream(host.channel())
+    d.send(knock_close(7))
+    assert_error(d.recv(), 7, "not found")
+    assert b.end() == [] and d.end() == []
 
 
 def test_client_cancels_mid_stream(make_host, tmp_path, target):

@@ -186,6 +186,52 @@ def test_flush_then_ok_on_shutdown(make_host, tmp_path):
     assert host.wait_event("EXIT") == "EXIT 0"
 
 
+def test_stream_limit(make_host, tmp_path):
+    """config.stdio.max_streams: streams beyond it end at once with
+    RESOURCE_EXHAUSTED naming the setting, and take nothing.  The streams
+    open share the output (each line goes to one of them: a stream that
+    does not read takes what its flow-control window holds), and all of it
+    arrives, exactly once, in order on each."""
+    host = make(make_host, tmp_path, max_streams=4, flush_deadline_ms=20000)
+    streams = [open_stream(host) for _ in range(4)]  # one reads, 3 do not
+    for _ in range(20):  # a flood
+        extra = stream_stdio(host.channel())(empty_pb2.Empty(),
+                                             timeout=10 * SLOW)
+        with pytest.raises(grpc.RpcError) as e:
+            next(extra)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "config.stdio.max_streams" in e.value.details()
+    assert host.stats()["calls_active"] == 4
+    n = 2000
+    assert host.cmd("putseq 1 %d 64" % n) == "OK putseq %d" % n
+    first = [seq_of(next(streams[0]).data) for _ in range(10)]
+    seen = [[] for _ in streams]
+    done = []
+
+    def read(k):
+        try:
+            for m in streams[k]:
+                seen[k].append(seq_of(m.data))
+        except grpc.RpcError as e:
+            seen[k].append(e)
+        done.append(k)
+
+    threads = [threading.Thread(target=read, args=(k,), daemon=True)
+               for k in range(1, 4)]
+    for t in threads:
+        t.start()
+    rest = shutdown_and_collect(host, streams[0])
+    for t in threads:
+        t.join(30 * SLOW)
+    assert sorted(done) == [1, 2, 3]
+    seen[0] = first + [seq_of(m.data) for m in rest]
+    allseqs = [x for v in seen for x in v]
+    assert sorted(allseqs) == list(range(n))  # exactly once, all of it
+    for v in seen:
+        assert v == sorted(v)
+    assert host.wait_event("EXIT") == "EXIT 0"
+
+
 def test_put_line_from_8_threads_during_shutdown(make_host, tmp_path):
     """Eight host threads put_line while the client reads and then calls
     Shutdown: every producer returns (RPCPLUGIN_ESHUTDOWN once the queue

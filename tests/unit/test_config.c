@@ -18,14 +18,16 @@ int main(void) {
   char err[512];
   CHECK_EQ_INT(rp_config_parse("{}", &c, err, sizeof err), 0);
   CHECK_EQ_INT(c.stdio.queue_bytes, 8u << 20);
+  CHECK_EQ_INT(c.stdio.max_streams, 16);
+  CHECK_EQ_INT(c.broker.max_streams, 1024);
   CHECK_EQ_INT(c.stdio.overflow, RP_BLOCK);
   CHECK_EQ_INT(c.broker.allow_non_loopback, 0);
   CHECK_EQ_INT(rp_config_parse(
                    "{\"stdio\": {\"queue_bytes\": 65536, \"overflow\": "
                    "\"drop_newest\", \"block_timeout_ms\": 5, "
                    "\"coalesce_bytes\": 1024, \"max_message_bytes\": 4096, "
-                   "\"flush_deadline_ms\": 7}, \"broker\": "
-                   "{\"max_subchannels\": 3, \"max_pending_per_stream\": 9, "
+                   "\"flush_deadline_ms\": 7, \"max_streams\": 2}, "
+                   "\"broker\": {\"max_streams\": 5, \"max_subchannels\": 3, \"max_pending_per_stream\": 9, "
                    "\"connect_timeout_ms\": 11, \"networks\": [\"tcp\"], "
                    "\"allow_non_loopback\": true}}",
                    &c, err, sizeof err),
@@ -36,6 +38,8 @@ int main(void) {
   CHECK_EQ_INT(c.stdio.coalesce_bytes, 1024);
   CHECK_EQ_INT(c.stdio.max_message_bytes, 4096);
   CHECK_EQ_INT(c.stdio.flush_deadline_ms, 7);
+  CHECK_EQ_INT(c.stdio.max_streams, 2);
+  CHECK_EQ_INT(c.broker.max_streams, 5);
   CHECK_EQ_INT(c.broker.max_subchannels, 3);
   CHECK_EQ_INT(c.broker.max_pending_per_stream, 9);
   CHECK_EQ_INT(c.broker.connect_timeout_ms, 11);
