@@ -80,14 +80,19 @@ static void position(const char *text, size_t off, int *line, int *col) {
   }
 }
 
+/* "MAJOR.MINOR": a major without a leading zero, a minor of 1 to 4 digits
+ * (the schema's pattern says the same for major 1). */
 static int parse_abi_version(const char *s, int *major, int *minor) {
   char *end;
+  const char *m;
   long a, b;
   if (s[0] < '0' || s[0] > '9') return -1;
+  if (s[0] == '0' && s[1] >= '0' && s[1] <= '9') return -1;
   a = strtol(s, &end, 10);
   if (*end != '.' || end[1] < '0' || end[1] > '9') return -1;
-  b = strtol(end + 1, &end, 10);
-  if (*end != '\0' || a > 65535 || b > 65535) return -1;
+  m = end + 1;
+  b = strtol(m, &end, 10);
+  if (*end != '\0' || a > 65535 || end - m > 4) return -1;
   *major = (int)a;
   *minor = (int)b;
   return 0;

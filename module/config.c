@@ -103,11 +103,18 @@ static int parse_broker(const cJSON *o, rp_config *c, jf_err e) {
     cJSON_ArrayForEach(it, nets) {
       char field[64];
       snprintf(field, sizeof field, "config.broker.networks[%d]", idx++);
-      if (cJSON_IsString(it) && strcmp(it->valuestring, "unix") == 0)
+      if (cJSON_IsString(it) && strcmp(it->valuestring, "unix") == 0 &&
+          !c->broker.allow_unix)
         c->broker.allow_unix = 1;
-      else if (cJSON_IsString(it) && strcmp(it->valuestring, "tcp") == 0)
+      else if (cJSON_IsString(it) && strcmp(it->valuestring, "tcp") == 0 &&
+               !c->broker.allow_tcp)
         c->broker.allow_tcp = 1;
-      else {
+      else if (cJSON_IsString(it) &&
+               (strcmp(it->valuestring, "unix") == 0 ||
+                strcmp(it->valuestring, "tcp") == 0)) {
+        jf_fail(e, field, NULL, "each network once", it);
+        return -1;
+      } else {
         jf_fail(e, field, NULL, "\"unix\" or \"tcp\"", it);
         return -1;
       }

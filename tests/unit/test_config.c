@@ -59,6 +59,9 @@ int main(void) {
   CHECK_CONTAINS(err_of("{\"stdio\": {\"bogus\": 1}}"),
                  "unknown field \"config.stdio.bogus\"");
   CHECK_CONTAINS(err_of("{\"stdlo\": {}}"), "unknown field \"config.stdlo\"");
+  CHECK_CONTAINS(err_of("{\"broker\": {\"networks\": [\"unix\", \"unix\"]}}"),
+                 "field \"config.broker.networks[1]\": expected each network "
+                 "once");
   CHECK_CONTAINS(err_of("{\"broker\": {\"networks\": [\"udp\"]}}"),
                  "field \"config.broker.networks[0]\": expected \"unix\" or "
                  "\"tcp\", got string \"udp\"");

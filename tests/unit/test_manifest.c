@@ -196,6 +196,16 @@ static void test_errors(void) {
                 "\"m\", \"abi_version\": \"one\", \"protocol_version\": 1, "
                 "\"services\": [\"plugin.GRPCStdio\"]}", NULL);
   CHECK_CONTAINS(e, "field \"abi_version\": expected \"MAJOR.MINOR\"");
+  /* As the schema's pattern: no leading zero in the major, 1-4 digits of
+   * minor (found by the differential test against the schema). */
+  e = parse_err("{\"manifest_version\": 1, \"name\": \"t\", \"module\": "
+                "\"m\", \"abi_version\": \"01.0\", \"protocol_version\": 1, "
+                "\"services\": [\"plugin.GRPCStdio\"]}", NULL);
+  CHECK_CONTAINS(e, "field \"abi_version\": expected \"MAJOR.MINOR\"");
+  e = parse_err("{\"manifest_version\": 1, \"name\": \"t\", \"module\": "
+                "\"m\", \"abi_version\": \"1.12345\", \"protocol_version\": 1, "
+                "\"services\": [\"plugin.GRPCStdio\"]}", NULL);
+  CHECK_CONTAINS(e, "field \"abi_version\": expected \"MAJOR.MINOR\"");
 
   e = parse_err("{\"manifest_version\": 1, \"name\": \"t\", \"module\": "
                 "\"m\", \"abi_version\": \"2.3\", \"protocol_version\": 1, "
