@@ -61,6 +61,7 @@
 #include "engine.h"
 #include "monotime.h"
 #include "grpc_broker.pb-c.h"
+#include "rp_trim.h"
 #include "rp_tsan.h"
 
 #define NBUCKETS 256
@@ -151,6 +152,7 @@ struct rp_broker {
   size_t nwatching;
   bstream *streams;
   size_t nstreams;
+  rp_trim trim; /* memory back after a flood of streams */
   advert *adverts; /* newest first */
   size_t nadverts;
   knock_waiter *waiters;
@@ -821,10 +823,12 @@ static void closed(rp_call *c, int ok) {
   bstream *st = c->svc;
   rp_broker *b = c->inst->broker;
   bitem *it, *next;
+  int trim = 0;
   (void)ok;
   pthread_mutex_lock(&b->mu);
   if (!st->closed) { /* closed already: unlinked by a handover */
     stream_unlink_locked(b, st);
+    trim = rp_trim_note(&b->trim, b->nstreams);
   }
   for (it = st->head; it; it = next) {
     next = it->next;
@@ -848,6 +852,7 @@ static void closed(rp_call *c, int ok) {
   pthread_cond_broadcast(&b->cv);
   pthread_mutex_unlock(&b->mu);
   rp_call_unref(c);
+  if (trim) rp_trim_now();
 }
 
 static void opened(rp_call *c, int ok) {
@@ -892,6 +897,7 @@ static void stream_call(rp_instance *inst, grpc_call *call,
   if (b->streams) b->streams->prev = st;
   b->streams = st;
   b->nstreams++;
+  (void)rp_trim_note(&b->trim, b->nstreams);
   st->sending = 1;
   pthread_mutex_unlock(&b->mu);
   if (rp_call_send_metadata(c, opened) != 0) {

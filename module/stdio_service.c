@@ -25,6 +25,7 @@
  *
  * Lock: the queue's mutex q.mu guards everything here too.
  */
+#include "rp_trim.h"
 #include "stdio_service.h"
 
 #include <errno.h>
@@ -71,6 +72,7 @@ struct rp_stdio {
   stream *streams;
   stream *idle_head;
   size_t nstreams, nidle;
+  rp_trim trim; /* memory back after a flood of streams */
   putback *putback;
   uint64_t seq;   /* from 1: 0 is what a handover brought (sent first) */
   int stopping;
@@ -278,15 +280,18 @@ static void finish_done(rp_call *c, int ok) {
 static void closed(rp_call *c, int ok) {
   stream *st = c->svc;
   rp_stdio *s = c->inst->stdio;
+  int trim = 0;
   (void)ok;
   pthread_mutex_lock(&s->q.mu);
   if (!st->closed) { /* closed already: handed over, or ended there */
     st->closed = 1;
     stream_remove(s, st);
+    trim = rp_trim_note(&s->trim, s->nstreams);
   }
   pthread_cond_broadcast(&s->done_cv);
   pthread_mutex_unlock(&s->q.mu);
   rp_call_unref(c); /* the stream's own reference */
+  if (trim) rp_trim_now();
 }
 
 /* Initial metadata went out: the stream is open for the client. */
@@ -336,6 +341,7 @@ static void stream_call(rp_instance *inst, grpc_call *call,
   if (s->streams) s->streams->prev = st;
   s->streams = st;
   s->nstreams++;
+  (void)rp_trim_note(&s->trim, s->nstreams);
   st->sending = 1;
   pthread_mutex_unlock(&s->q.mu);
   if (rp_call_send_metadata(c, opened) != 0) {
