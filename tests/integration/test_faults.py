@@ -1,0 +1,86 @@
+"""Faults (issue 11): a client SIGKILLed in the middle of its streams.
+The host does not crash, forgets the dead client's streams, and the next
+client is served; under the block policy nothing is lost but what the dead
+client's own transport had taken."""
+import os
+import signal
+import subprocess
+import sys
+
+import grpc
+from google.protobuf import empty_pb2
+
+from conftest import BUILD, SLOW, start_stream, stream_stdio, write_manifest
+from hostutil import wait_until
+import grpc_broker_pb2
+
+# A client in a process of its own: opens StreamStdio and StartStream,
+# reads 10 lines, sends one broker message and reads its answer, says
+# READY, then waits to be killed.
+VICTIM = r"""
+import sys, time
+sys.path.insert(0, sys.argv[2])
+sys.path.insert(0, sys.argv[3])
+import grpc
+from google.protobuf import empty_pb2
+from conftest import stream_stdio, start_stream
+import grpc_broker_pb2
+ch = grpc.insecure_channel(sys.argv[1])
+s = stream_stdio(ch)(empty_pb2.Empty(), timeout=60)
+for _ in range(10):
+    next(s)
+def reqs():
+    yield grpc_broker_pb2.ConnInfo(service_id=0)
+    time.sleep(120)
+b = start_stream(ch)(reqs(), timeout=60)
+next(b)
+print("READY", flush=True)
+time.sleep(120)
+"""
+
+
+def seq_of(data):
+    return int(data[:8])
+
+
+def test_client_sigkilled_mid_stream(make_host, tmp_path):
+    host = make_host(write_manifest(tmp_path, config={
+        "stdio": {"flush_deadline_ms": 20000}}))
+    n = 20000
+    assert host.cmd("bg putseq 1 %d 64" % n) == "OK bg"
+    here = os.path.dirname(os.path.abspath(__file__))
+    victim = subprocess.Popen(
+        [sys.executable, "-c", VICTIM, host.target, here,
+         os.path.join(BUILD, "py")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = victim.stdout.readline()
+        assert line.strip() == "READY", (line, victim.stderr.read())
+        assert host.stats()["broker_streams"] == 1
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    wait_until(lambda: host.stats()["calls_active"] == 0, 30 * SLOW,
+               "the dead client's streams to be gone")
+    assert host.stats()["broker_streams"] == 0
+    # The next client: the broker answers, and stdio delivers the rest in
+    # order, without a line twice, to the very last one.
+    ch = host.channel()
+    b = start_stream(ch)(iter([grpc_broker_pb2.ConnInfo(service_id=0)]),
+                         timeout=30 * SLOW)
+    assert "not valid" in next(b).knock.error
+    s = stream_stdio(ch)(empty_pb2.Empty(), timeout=120 * SLOW)
+    got = []
+    for m in s:
+        got.append(seq_of(m.data))
+        if got[-1] == n - 1:
+            break
+    assert got == list(range(got[0], n)), "lost, repeated or reordered"
+    assert got[0] >= 10
+    s.cancel()
+    assert host.wait_event("BGDONE", timeout=60) == "BGDONE OK putseq %d" % n
+    assert host.cmd("shutdown") == "OK shutdown"
+    assert host.wait_event("EXIT") == "EXIT 0"
