@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import grpc
+import pytest
 from google.protobuf import empty_pb2
 
 from conftest import BUILD, SLOW, start_stream, stream_stdio, write_manifest
@@ -22,6 +23,7 @@ import sys, time
 sys.path.insert(0, sys.argv[2])
 sys.path.insert(0, sys.argv[3])
 import grpc
+import pytest
 from google.protobuf import empty_pb2
 from conftest import stream_stdio, start_stream
 import grpc_broker_pb2
@@ -84,3 +86,30 @@ def test_client_sigkilled_mid_stream(make_host, tmp_path):
     assert host.wait_event("BGDONE", timeout=60) == "BGDONE OK putseq %d" % n
     assert host.cmd("shutdown") == "OK shutdown"
     assert host.wait_event("EXIT") == "EXIT 0"
+
+
+@pytest.mark.slow
+def test_shutdown_with_1000_streams_open(make_host, tmp_path):
+    """Shutdown while 1,000 StartStream streams are open: every stream ends
+    (OK, after its last reply) and the host exits 0."""
+    import time
+    from brokerutil import BrokerStream, knock_close
+    from conftest import controller_shutdown
+    import grpc_controller_pb2
+    host = make_host(write_manifest(tmp_path))
+    chs = [host.channel() for _ in range(10)]
+    streams = [BrokerStream(chs[i % 10]) for i in range(1000)]
+    for s in streams:
+        s.send(knock_close(7))
+    for s in streams:
+        assert "not found" in s.recv(timeout=60).knock.error
+    assert host.stats()["broker_streams"] == 1000
+    t0 = time.monotonic()
+    controller_shutdown(host.channel())(grpc_controller_pb2.Empty(),
+                                        timeout=30 * SLOW)
+    assert host.wait_event("EXIT", timeout=60) == "EXIT 0"
+    took = time.monotonic() - t0
+    for s in streams:
+        assert s.replies.get(timeout=30 * SLOW) is None  # ended
+        assert s.error is None, s.error  # status OK
+    assert took < 20 * SLOW, took
