@@ -25,6 +25,10 @@ int rp_check_trusted(const struct stat *st, const char *what,
                      const char *path, const char *where,
                      rpcplugin_error *err);
 
+/* Wait until no poller is still inside a callback it had started (the
+ * loader, before a dlclose on a live server). */
+void rp_runtime_quiesce(rpcplugin_runtime *rt);
+
 /* Manifest internals. */
 const char *rp_manifest_dir(const rpcplugin_manifest *m);
 const char *rp_service_name(unsigned bit);

@@ -500,6 +500,8 @@ static void gen_free(rpcplugin_runtime *rt, rp_gen *g) {
   if (g->keep_loaded) return; /* reported in gen_shut */
   g->api->destroy(g->inst);
   rp_runtime_unbind(g->binding);
+  /* Its last callback may still be returning through its code. */
+  rp_runtime_quiesce(rt);
   dlclose(g->dl);
   close(g->fd);
   gen_free_names(g);

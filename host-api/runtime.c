@@ -147,6 +147,9 @@ struct rpcplugin_runtime {
   grpc_completion_queue *cq;
   pthread_t *pollers;
   unsigned npollers;
+  /* One per poller: odd while it runs a callback (rp_runtime_quiesce). */
+  _Atomic unsigned long *poller_seq;
+  atomic_uint poller_ids;
 
   pthread_mutex_t mu;
   pthread_cond_t cv;
@@ -175,6 +178,7 @@ struct rpcplugin_runtime {
 
 /* The runtime whose poller runs on this thread (NULL elsewhere). */
 static __thread rpcplugin_runtime *tls_poller;
+static __thread _Atomic unsigned long *tls_poller_seq;
 
 void rp_runtime_log(rpcplugin_runtime *rt, int level, const char *fmt, ...) {
   char buf[1024];
@@ -190,7 +194,10 @@ void rp_runtime_log(rpcplugin_runtime *rt, int level, const char *fmt, ...) {
 
 static void *poller_main(void *arg) {
   rpcplugin_runtime *rt = arg;
+  _Atomic unsigned long *seq =
+      &rt->poller_seq[atomic_fetch_add(&rt->poller_ids, 1)];
   tls_poller = rt;
+  tls_poller_seq = seq;
   for (;;) {
     grpc_event ev = grpc_completion_queue_next(
         rt->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
@@ -198,11 +205,33 @@ static void *poller_main(void *arg) {
     if (ev.type == GRPC_OP_COMPLETE) {
       rpcplugin_tag *t = ev.tag;
       RP_TSAN_ACQUIRE(t);
+      atomic_fetch_add(seq, 1); /* odd: in a callback */
       t->on_done(t, ev.success);
+      atomic_fetch_add(seq, 1);
     }
   }
   tls_poller = NULL;
+  tls_poller_seq = NULL;
   return NULL;
+}
+
+/* Wait until every poller that is running a callback now has returned from
+ * it.  A module's last callback may still be on its way out of the
+ * module's code (returning from the call's release) when its calls are all
+ * gone; the loader calls this before dlclose on a live server.  Callbacks
+ * are short; this waits for the ones running, never for new ones. */
+void rp_runtime_quiesce(rpcplugin_runtime *rt) {
+  unsigned p, n = atomic_load(&rt->poller_ids);
+  if (rt->poller_seq == NULL) return;
+  for (p = 0; p < n && p < (unsigned)rt->opts.poll_threads; p++) {
+    _Atomic unsigned long *sp = &rt->poller_seq[p];
+    unsigned long s = atomic_load(sp);
+    if (sp == tls_poller_seq || !(s & 1)) continue; /* ours, or idle */
+    while (atomic_load(sp) == s) {
+      struct timespec ts = {0, 20000};
+      nanosleep(&ts, NULL);
+    }
+  }
 }
 
 /* ------------------------------------------------------------ rejects */
@@ -1069,6 +1098,8 @@ int rpcplugin_runtime_start(rpcplugin_runtime *rt, rpcplugin_error *err) {
   for (m = rt->methods; m; m = m->next) n += REQUESTS_PER_METHOD;
   rt->requests = calloc(n, sizeof *rt->requests);
   rt->pollers = calloc(rt->opts.poll_threads, sizeof *rt->pollers);
+  if (rt->poller_seq == NULL)
+    rt->poller_seq = calloc(rt->opts.poll_threads, sizeof *rt->poller_seq);
   if (rt->requests == NULL || rt->pollers == NULL) {
     pthread_mutex_unlock(&rt->mu);
     return rp_error(err, RPCPLUGIN_ENOMEM, "out of memory");
@@ -1393,6 +1424,7 @@ void rpcplugin_runtime_destroy(rpcplugin_runtime *rt) {
   }
   free(rt->requests);
   free(rt->pollers);
+  free((void *)rt->poller_seq);
   while ((m = rt->methods) != NULL) {
     rt->methods = m->next;
     free(m->path);
