@@ -109,7 +109,14 @@ class Host:
     def cmd(self, line, timeout=30):
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
-        return self.replies.get(timeout=timeout * SLOW)
+        try:
+            return self.replies.get(timeout=timeout * SLOW)
+        except queue.Empty:
+            raise AssertionError(
+                "no reply to %r (host %s); its stderr:\n%s" % (
+                    line, "alive" if self.proc.poll() is None
+                    else "exited %s" % self.proc.returncode,
+                    self.stderr()[-4000:])) from None
 
     def stats(self):
         r = self.cmd("stats")
