@@ -48,8 +48,10 @@ def seq_of(data):
 def test_client_sigkilled_mid_stream(make_host, tmp_path):
     host = make_host(write_manifest(tmp_path, config={
         "stdio": {"flush_deadline_ms": 20000}}))
-    n = 20000
-    assert host.cmd("bg putseq 1 %d 64" % n) == "OK bg"
+    # More than the dead client's flow-control window can take (at most 4
+    # MiB): the rest must reach the next client.
+    n, size = 40000, 256
+    assert host.cmd("bg putseq 1 %d %d" % (n, size)) == "OK bg"
     here = os.path.dirname(os.path.abspath(__file__))
     victim = subprocess.Popen(
         [sys.executable, "-c", VICTIM, host.target, here,
