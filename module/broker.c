@@ -751,6 +751,19 @@ static void in_push(bstream *st, Plugin__ConnInfo *m, uint32_t id,
   st->nin++;
 }
 
+/* Free the messages received and not yet handled (the stream ended or
+ * moved).  Under b->mu. */
+static void drop_inputs_locked(bstream *st) {
+  while (st->in_head) {
+    inmsg *x = st->in_head;
+    st->in_head = x->next;
+    if (x->m) rp_msg_free(&x->m->base);
+    free(x);
+  }
+  st->in_tail = NULL;
+  st->nin = 0;
+}
+
 static void recv_done(rp_call *c, int ok) {
   bstream *st = c->svc;
   rp_broker *b = c->inst->broker;
@@ -841,14 +854,7 @@ static void closed(rp_call *c, int ok) {
   }
   st->head = st->tail = NULL;
   st->nitems = 0;
-  while (st->in_head) {
-    inmsg *x = st->in_head;
-    st->in_head = x->next;
-    if (x->m) rp_msg_free(&x->m->base);
-    free(x);
-  }
-  st->in_tail = NULL;
-  st->nin = 0;
+  drop_inputs_locked(st);
   pthread_cond_broadcast(&b->cv);
   pthread_mutex_unlock(&b->mu);
   rp_call_unref(c);
@@ -1227,14 +1233,7 @@ int rp_broker_handover_out(rp_broker *b, rp_handover *ho) {
     }
     st->head = st->tail = NULL;
     st->nitems = 0;
-    while (st->in_head) {
-      inmsg *x = st->in_head;
-      st->in_head = x->next;
-      if (x->m) rp_msg_free(&x->m->base);
-      free(x);
-    }
-    st->in_tail = NULL;
-    st->nin = 0;
+    drop_inputs_locked(st);
     pthread_mutex_unlock(&b->mu);
     if (rp_handover_add_stream(ho, "/plugin.GRPCBroker/StartStream", &ex,
                                half, u, ulen) != 0) {

@@ -70,6 +70,14 @@ def mapped(pid):
         return f.read()
 
 
+def shutdown_cleanly(host, ch, stdio):
+    """Shutdown through the controller: the stdio stream ends OK and the
+    host exits 0."""
+    assert host.shutdown(ch) is not None
+    assert stdio.wait_end(timeout=30) == grpc.StatusCode.OK
+    assert host.wait(30) == 0
+
+
 class Traffic(threading.Thread):
     """Health checks and kv Put/Get in a loop, every failure recorded, with
     the longest call seen."""
@@ -179,9 +187,7 @@ def test_swaps_under_traffic(workdir):
             "done %d\n" % n, "lines lost, duplicated or reordered"
         assert n > SWAPS
         sendq.put(None)
-        assert host.shutdown(ch) is not None
-        assert stdio.wait_end(timeout=30) == grpc.StatusCode.OK
-        assert host.wait(30) == 0
+        shutdown_cleanly(host, ch, stdio)
         text = bytes(stdio.data[2]).decode()
         times = [float(x) for x in re.findall(r": ok in ([0-9.]+) ms", text)]
         assert len(times) == SWAPS
@@ -236,9 +242,7 @@ def test_failed_swap_keeps_serving(workdir):
         assert host.health(ch) == 1
         assert "rpcplugin_recorder.so" in mapped(host.proc.pid)
         assert stdio.status is None
-        host.shutdown(ch)
-        assert stdio.wait_end(timeout=30) == grpc.StatusCode.OK
-        assert host.wait(30) == 0
+        shutdown_cleanly(host, ch, stdio)
     finally:
         host.close()
 
@@ -276,9 +280,7 @@ def test_reload_picks_up_a_rebuilt_module(workdir):
             2, b"rpcplugin-recorder: call /grpc.health.v1.Health/Check",
             timeout=10)
         assert stdio.status is None
-        host.shutdown(ch)
-        assert stdio.wait_end(timeout=30) == grpc.StatusCode.OK
-        assert host.wait(30) == 0
+        shutdown_cleanly(host, ch, stdio)
     finally:
         host.close()
 
