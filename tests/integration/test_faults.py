@@ -100,7 +100,9 @@ def test_shutdown_with_1000_streams_open(make_host, tmp_path):
     import grpc_controller_pb2
     host = make_host(write_manifest(tmp_path))
     chs = [host.channel() for _ in range(10)]
-    streams = [BrokerStream(chs[i % 10]) for i in range(1000)]
+    # A deadline far past the setup: opening 1,000 streams from Python took
+    # over 120 s on a slow fresh machine, and the first ones expired.
+    streams = [BrokerStream(chs[i % 10], timeout=1200) for i in range(1000)]
     for s in streams:
         s.send(knock_close(7))
     for s in streams:
