@@ -370,25 +370,34 @@ static void free_sub_if_done(rp_broker *b, sub *s) {
 static void process_locked(rp_broker *b, bstream *st, actions *a);
 
 /* Resolve every reply waiting for s's connect; their streams go on with
- * the messages that waited behind them. */
+ * the messages that waited behind them.  Every reply is made first, while
+ * s is sure to exist: a stream that goes on may close s (a close right
+ * behind its knock), which frees it when no other stream waits on it.  A
+ * stream waits on one knock at most, so going on with one stream never
+ * touches another's item. */
 static void resolve_waiters(rp_broker *b, sub *s, int ok, const char *why,
                             actions *a) {
-  bitem *it = s->waiting, *next;
+  bitem *list = s->waiting, *it, *next, **pp;
   s->waiting = NULL;
-  for (; it; it = next) {
-    next = it->wnext;
+  for (pp = &list; (it = *pp) != NULL;) {
     if (ok)
       it->bb = conninfo(s->id, NULL, NULL, 1, 1, 1, NULL);
     else
       it->bb = error_reply(b, s->id, why);
     if (it->st == NULL) { /* its stream is gone */
+      *pp = it->wnext;
       grpc_byte_buffer_destroy(it->bb);
       free(it);
       continue;
     }
-    it->st->waiting = 0;
-    process_locked(b, it->st, a);
-    pump_locked(b, it->st, a);
+    pp = &it->wnext;
+  }
+  for (it = list; it; it = next) {
+    bstream *st = it->st;
+    next = it->wnext; /* it may be sent and freed below */
+    st->waiting = 0;
+    process_locked(b, st, a);
+    pump_locked(b, st, a);
   }
 }
 
@@ -780,6 +789,10 @@ static void recv_done(rp_call *c, int ok) {
   pthread_mutex_lock(&b->mu);
   if (end) {
     st->half_closed = 1;
+  } else if (st->closed || st->finishing) {
+    /* Too late: its status is on its way or sent, and its queues are
+     * freed (or about to be).  Nothing could be answered. */
+    rp_msg_free(m ? &m->base : NULL);
   } else {
     b->messages_in++;
     if (m == NULL) {

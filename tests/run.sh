@@ -5,7 +5,8 @@
 # stdio queue and the concurrent integration suites (stdio, broker,
 # services, application calls, live swaps) under TSan, one integration
 # case and 20 cold cycles under valgrind memcheck, libFuzzer runs of the
-# parsers and the queue, and a smoke run of the benchmark.
+# parsers, the queue and the broker's message handling (with every input
+# that once crashed, tests/fuzz/regress/), and a smoke run of the benchmark.
 #
 #   tests/run.sh            everything
 #   RP_STAGES="unit py" tests/run.sh    a subset (unit py go node asan tsan valgrind fuzz bench)
@@ -216,25 +217,36 @@ if has valgrind; then
 fi
 
 if has fuzz; then
-  stage "libFuzzer (clang, ASan+UBSan): manifest, config, codec, stdio queue"
+  stage "libFuzzer (clang, ASan+UBSan): broker messages, manifest, config, codec, stdio queue"
   CC=clang cmake -S "$ROOT" -B "$ROOT/build-fuzz" -DRPCPLUGIN_BENCH=OFF \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRPCPLUGIN_FUZZ=ON >/dev/null
-  cmake --build "$ROOT/build-fuzz" -j"$JOBS" --target fuzz_manifest \
-    fuzz_config fuzz_codec fuzz_squeue >/dev/null
+  cmake --build "$ROOT/build-fuzz" -j"$JOBS" --target fuzz_broker \
+    fuzz_manifest fuzz_config fuzz_codec fuzz_squeue >/dev/null
   corpus=$(mktemp -d)
   mkdir -p "$corpus/manifest"
   cp manifests/*.json examples/*/*.json "$corpus/manifest/"
-  for t in manifest config codec squeue; do
+  for t in broker manifest config codec squeue; do
     mkdir -p "$corpus/$t"
+    # Every input that once crashed (tests/fuzz/regress/), then the seed
+    # corpus (tests/fuzz/corpus/) and what the run finds.
+    if [ -d "tests/fuzz/regress/$t" ]; then
+      "$ROOT/build-fuzz/tests/fuzz_$t" -runs=1 tests/fuzz/regress/"$t"/* \
+        > "$corpus/$t-regress.log" 2>&1 || {
+        tail -n 60 "$corpus/$t-regress.log"
+        echo "fuzz_$t fails on an input of tests/fuzz/regress/$t"; exit 1; }
+      echo "fuzz_$t: $(ls tests/fuzz/regress/"$t" | wc -l) regression inputs pass"
+    fi
+    [ -d "tests/fuzz/corpus/$t" ] && cp tests/fuzz/corpus/"$t"/* "$corpus/$t/"
     if ! "$ROOT/build-fuzz/tests/fuzz_$t" \
          -max_total_time="${RP_FUZZ_SECONDS:-20}" -rss_limit_mb=2048 \
-         -print_final_stats=0 -artifact_prefix="$ROOT/build-fuzz/fuzz_$t-" \
+         -timeout=20 -print_final_stats=1 \
+         -artifact_prefix="$ROOT/build-fuzz/fuzz_$t-" \
          "$corpus/$t" > "$corpus/$t.log" 2>&1; then
       tail -n 60 "$corpus/$t.log"
       echo "fuzz_$t failed; the input is in $ROOT/build-fuzz/"
       exit 1
     fi
-    grep -E "^Done" "$corpus/$t.log"
+    echo "fuzz_$t: $(sed -n 's/^stat::number_of_executed_units: *//p' "$corpus/$t.log") executions, $(grep -Eo 'cov: [0-9]+' "$corpus/$t.log" | tail -1)"
   done
   rm -rf "$corpus"
 fi

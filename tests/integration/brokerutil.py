@@ -102,9 +102,11 @@ def health_server(address):
 
 class Recorder:
     """A TCP listener that counts the connections it accepts and, if given
-    a target, forwards their bytes there (a recording proxy)."""
+    a target, forwards their bytes there (a recording proxy).  With a gate
+    (a threading.Event) it holds every connection, accepted and silent,
+    until the gate is set: a knock through it stays connecting until then."""
 
-    def __init__(self, host="127.0.0.1", target=None, port=0):
+    def __init__(self, host="127.0.0.1", target=None, port=0, gate=None):
         fam = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(fam, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -112,6 +114,7 @@ class Recorder:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.target = target
+        self.gate = gate
         self.count = 0
         self._lock = threading.Lock()
         self._conns = []
@@ -128,15 +131,22 @@ class Recorder:
                 self.count += 1
                 self._conns.append(c)
             if self.target:
-                try:
-                    up = socket.create_connection(self.target)
-                except OSError:
-                    c.close()
-                    continue
-                self._conns.append(up)
-                for a, b in ((c, up), (up, c)):
-                    threading.Thread(target=self._pump, args=(a, b),
-                                     daemon=True).start()
+                threading.Thread(target=self._forward, args=(c,),
+                                 daemon=True).start()
+
+    def _forward(self, c):
+        if self.gate is not None and not self.gate.wait(120):
+            return
+        try:
+            up = socket.create_connection(self.target)
+        except OSError:
+            c.close()
+            return
+        with self._lock:
+            self._conns.append(up)
+        for a, b in ((c, up), (up, c)):
+            threading.Thread(target=self._pump, args=(a, b),
+                             daemon=True).start()
 
     @staticmethod
     def _pump(a, b):

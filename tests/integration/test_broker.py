@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import grpc
@@ -145,6 +146,38 @@ def test_sequential_per_stream_never_across(make_host, tmp_path, target):
         s.end()
     finally:
         silent.close()
+
+
+def test_close_behind_a_knock_two_streams_wait_on(make_host, tmp_path,
+                                                  target):
+    """Two streams knock for one id while it connects; the first pipelines
+    a close behind its knock.  When the connect succeeds, the first
+    stream's close frees the subchannel while the second stream's reply
+    is still to be made (a use-after-free, found by fuzz_broker; the ASan
+    stage runs this test).  Both knocks are acknowledged, then the close."""
+    host = make(make_host, tmp_path)
+    gate = threading.Event()
+    proxy = Recorder(target=("127.0.0.1", target), gate=gate)
+    try:
+        a = BrokerStream(host.channel())
+        b = BrokerStream(host.channel())
+        addr = "127.0.0.1:%d" % proxy.port
+        a.send(knock_open(7, "tcp", addr))
+        wait_until(lambda: proxy.count == 1, 10 * SLOW, "the knock's connect")
+        b.send(knock_open(7, "tcp", addr))
+        a.send(knock_close(7))
+        wait_until(lambda: host.stats()["broker_in"] == 3, 10 * SLOW,
+                   "the three messages received")
+        assert a.replies.empty() and b.replies.empty()
+        gate.set()
+        assert_ack(a.recv(), 7, knock=True)
+        assert_ack(a.recv(), 7, knock=False)
+        assert_ack(b.recv(), 7, knock=True)
+        assert host.stats()["broker_subchannels"] == 0
+        assert a.end() == [] and b.end() == []
+    finally:
+        gate.set()
+        proxy.close()
 
 
 def test_connect_timeout(make_host, tmp_path):
