@@ -561,6 +561,12 @@ static void shutdown_now(void) {
   static pthread_t th;
   static int started;
   size_t i;
+  int watching = 0;
+  for (i = 0; i < nchans_; i++) watching |= chans_[i].watch_pending;
+  if (!watching) { /* nothing to wait for: no second thread needed */
+    broker_stop(&inst_);
+    return;
+  }
   if (!started) {
     CHECK(pthread_create(&th, NULL, stop_thread, NULL) == 0);
     started = 1;
