@@ -563,8 +563,24 @@ static void open_sub(rp_broker *b, bstream *st, const Plugin__ConnInfo *m,
   bitem *it;
 
   if (s && s->state == SUB_OPEN) {
-    queue_ready(b, st, conninfo(s->id, NULL, NULL, 1, 1, 1, NULL), s->id);
-    return;
+    grpc_connectivity_state cs =
+        grpc_channel_check_connectivity_state(s->ch, 1);
+    if (cs == GRPC_CHANNEL_READY) {
+      queue_ready(b, st, conninfo(s->id, NULL, NULL, 1, 1, 1, NULL), s->id);
+      return;
+    }
+    if (!b->stopping && !b->handing) {
+      /* Its target went away (or the connection idled): this knock waits
+       * for READY again, within connect_timeout_ms, as a first one does;
+       * if it does not come the subchannel is closed. */
+      if (cs == GRPC_CHANNEL_IDLE)
+        cs = grpc_channel_check_connectivity_state(s->ch, 0);
+      s->state = SUB_CONNECTING;
+      s->deadline = gpr_time_add(
+          gpr_now(GPR_CLOCK_MONOTONIC),
+          gpr_time_from_millis(cfg->broker.connect_timeout_ms, GPR_TIMESPAN));
+      if (!s->watching) watch(b, s, cs);
+    }
   }
   if (b->stopping || b->handing) {
     queue_ready(b, st,

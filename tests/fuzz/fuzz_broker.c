@@ -654,8 +654,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         break;
       case 8: case 9: { /* a connectivity watch completes */
         size_t j = nchans_ ? next(&in) % nchans_ : 0;
-        unsigned how = next(&in) % 4;
-        if (nchans_ && chans_[j].watch_pending) complete_watch(&chans_[j], how);
+        unsigned how = next(&in) % 5;
+        if (nchans_ && how == 4) { /* its target dies, or the link idles */
+          pthread_mutex_lock(&fz_mu);
+          if (!chans_[j].destroyed && chans_[j].state == GRPC_CHANNEL_READY)
+            chans_[j].state = next(&in) & 1 ? GRPC_CHANNEL_IDLE
+                                            : GRPC_CHANNEL_TRANSIENT_FAILURE;
+          pthread_mutex_unlock(&fz_mu);
+        } else if (nchans_ && chans_[j].watch_pending) {
+          complete_watch(&chans_[j], how);
+        }
         break;
       }
       case 10: { /* the host advertises */

@@ -1,4 +1,6 @@
-"""Faults (issue 11): a client SIGKILLed in the middle of its streams.
+"""Faults (issue 11): a client SIGKILLed in the middle of its streams;
+Shutdown with 1,000 streams open; a subchannel target that dies after its
+knock; the plugin's COMMAND killed; the plugin killed by its client.
 The host does not crash, forgets the dead client's streams, and the next
 client is served; under the block policy nothing is lost but what the dead
 client's own transport had taken."""
@@ -7,6 +9,7 @@ import queue
 import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
@@ -130,3 +133,109 @@ def test_shutdown_with_1000_streams_open(make_host, tmp_path):
         assert s.replies.get(timeout=30 * SLOW) is None  # ended
         assert s.error is None, s.error  # status OK
     assert took < 20 * SLOW, took
+
+
+def test_subchannel_target_dies_after_its_knock(make_host, tmp_path):
+    """A knocked subchannel whose target dies: a knock for it again does
+    not acknowledge a dead connection; it waits for READY like a first
+    knock, fails, and the subchannel is closed.  When the target is back a
+    knock connects again.  The stream and the host go on throughout."""
+    from brokerutil import BrokerStream, health_server, knock_open
+    host = make_host(write_manifest(tmp_path, config={
+        "broker": {"connect_timeout_ms": 3000}}))
+    sock = str(tmp_path / "target.sock")
+    server, _ = health_server("unix:" + sock)
+    s = BrokerStream(host.channel())
+    s.send(knock_open(5, "unix", sock))
+    r = s.recv()
+    assert r.knock.ack and not r.knock.error, r
+    assert host.stats()["broker_subchannels"] == 1
+    server.stop(None).wait(10)
+    # The connection's end reaches the channel asynchronously: until it
+    # does, a knock may still see it READY.  Knock until one is refused.
+    deadline = time.monotonic() + 20 * SLOW
+    while True:
+        s.send(knock_open(5, "unix", sock))
+        r = s.recv(timeout=30)
+        if r.knock.error:
+            break
+        assert r.knock.ack, r
+        assert time.monotonic() < deadline, "a dead target kept being acked"
+    assert r.service_id == 5
+    assert ("cannot connect" in r.knock.error or
+            "not ready within" in r.knock.error), r
+    assert host.stats()["broker_subchannels"] == 0
+    # Back again: a knock reconnects.
+    server2, _ = health_server("unix:" + sock)
+    try:
+        s.send(knock_open(5, "unix", sock))
+        r = s.recv()
+        assert r.knock.ack and not r.knock.error, r
+        assert host.stats()["broker_subchannels"] == 1
+        assert s.end() == []
+    finally:
+        server2.stop(None)
+
+
+def sh(script):
+    return ["/bin/sh", "-c", script]
+
+
+def test_child_sigkilled(hosts, tmp_path):
+    """rpcplugin-host's COMMAND killed with SIGKILL: everything it wrote
+    before reaches the client, its end is reported, the stream ends OK and
+    the host exits 0 (--exit-with-child, the default)."""
+    from hostutil import Stdio, pid_gone
+    pidfile = tmp_path / "pid"
+    h = hosts(command=sh(
+        'echo $$ > %s; i=0; while [ $i -lt 500 ]; do echo line$i; '
+        'i=$((i+1)); done; echo ready; exec sleep 60' % pidfile))
+    out = Stdio(h.channel())
+    out.wait_contains(1, b"ready\n")
+    child = int(pidfile.read_text())
+    os.kill(child, signal.SIGKILL)
+    assert out.wait_end() == grpc.StatusCode.OK, out.error
+    assert h.wait() == 0
+    expected = b"".join(b"line%d\n" % i for i in range(500)) + b"ready\n"
+    assert bytes(out.data[1]) == expected
+    assert b"was killed by signal 9" in out.data[2]
+    assert pid_gone(child)
+
+
+def test_child_sigkilled_host_keeps_serving(hosts, tmp_path):
+    from hostutil import Stdio
+    pidfile = tmp_path / "pid"
+    h = hosts(command=sh('echo $$ > %s; echo ready; exec sleep 60' % pidfile),
+              options=["--no-exit-with-child"])
+    ch = h.channel()
+    out = Stdio(ch)
+    out.wait_contains(1, b"ready\n")
+    os.kill(int(pidfile.read_text()), signal.SIGKILL)
+    out.wait_contains(2, b"was killed by signal 9")
+    assert h.health(ch) == 1
+    assert out.status is None  # the stream stays open
+    h.shutdown(ch)
+    assert out.wait_end() == grpc.StatusCode.OK, out.error
+    assert h.wait() == 0
+
+
+def test_plugin_sigkilled_by_its_client(hosts, tmp_path):
+    """The client kills the plugin (go-plugin's Kill after its grace
+    period): the client's open streams fail UNAVAILABLE instead of
+    hanging, and the plugin's COMMAND does not outlive it (its parent-death
+    signal)."""
+    from hostutil import Stdio, pid_gone
+    from brokerutil import BrokerStream
+    pidfile = tmp_path / "pid"
+    h = hosts(command=sh('echo $$ > %s; echo ready; exec sleep 60' % pidfile))
+    ch = h.channel()
+    out = Stdio(ch)
+    b = BrokerStream(ch)
+    out.wait_contains(1, b"ready\n")
+    b.wait_open()
+    child = int(pidfile.read_text())
+    h.proc.kill()
+    assert out.wait_end() == grpc.StatusCode.UNAVAILABLE, out.error
+    assert b.replies.get(timeout=10 * SLOW) is None
+    assert b.error.code() == grpc.StatusCode.UNAVAILABLE
+    wait_until(lambda: pid_gone(child), 10 * SLOW, "the child to end")
