@@ -239,3 +239,83 @@ def test_plugin_sigkilled_by_its_client(hosts, tmp_path):
     assert b.replies.get(timeout=10 * SLOW) is None
     assert b.error.code() == grpc.StatusCode.UNAVAILABLE
     wait_until(lambda: pid_gone(child), 10 * SLOW, "the child to end")
+
+
+def test_shutdown_and_unload_under_mixed_load(make_host, tmp_path):
+    """Shutdown arrives while Health calls, broker streams full of
+    messages, host threads in put_line and a reading stdio stream are all
+    in flight; the test host then destroys the runtime, which dlcloses the
+    module (the ASan and valgrind stages run this too).  Every call ends
+    with OK or UNAVAILABLE/CANCELLED (none hangs), the stdio stream ends OK
+    with each producer's chunks once and in order, and the host exits 0."""
+    import threading
+    from brokerutil import BrokerStream, knock_close
+    from conftest import controller_shutdown, health_check
+    import grpc_controller_pb2
+    import health_pb2
+    host = make_host(write_manifest(tmp_path, config={
+        "stdio": {"flush_deadline_ms": 20000}}))
+    chs = [host.channel() for _ in range(4)]
+    for size in (64, 65):
+        assert host.cmd("bg putseq 1 100000 %d" % size) == "OK bg"
+    out = stream_stdio(chs[0])(empty_pb2.Empty(), timeout=120 * SLOW)
+    got = []
+    first = threading.Event()
+
+    def read():
+        try:
+            for m in out:
+                got.append(m.data)
+                first.set()
+        except grpc.RpcError as e:
+            got.append(e)
+        first.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    streams = [BrokerStream(chs[i % 4], timeout=120) for i in range(20)]
+    for s in streams:
+        for k in range(50):
+            s.send(knock_close(1000 + k))
+    codes, stop = [], threading.Event()
+
+    def health_loop(ch):
+        check = health_check(ch)
+        while not stop.is_set():
+            try:
+                check(health_pb2.HealthCheckRequest(), timeout=30 * SLOW)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as e:
+                codes.append(e.code())
+                if e.code() != grpc.StatusCode.OK:
+                    return
+    loops = [threading.Thread(target=health_loop, args=(ch,), daemon=True)
+             for ch in chs]
+    for t in loops:
+        t.start()
+    assert first.wait(30 * SLOW)
+    wait_until(lambda: len(codes) >= 50, 30 * SLOW, "Health calls flowing")
+    try:
+        controller_shutdown(host.channel())(grpc_controller_pb2.Empty(),
+                                            timeout=30 * SLOW)
+    except grpc.RpcError as e:  # the reply may lose the race with the end
+        assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+    assert host.wait_event("EXIT", timeout=90) == "EXIT 0"
+    stop.set()
+    for t in loops:
+        t.join(30 * SLOW)
+        assert not t.is_alive(), "a Health call hung"
+    reader.join(30 * SLOW)
+    assert not reader.is_alive(), "the stdio stream hung"
+    ends = {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.CANCELLED}
+    assert set(codes) <= ends, set(codes)
+    for s in streams:
+        while s.replies.get(timeout=30 * SLOW) is not None:
+            pass
+        assert s.error is None or s.error.code() in ends, s.error
+    assert not isinstance(got[-1], grpc.RpcError), got[-1]  # ended OK
+    seqs = {64: [], 65: []}
+    for d in got:
+        seqs[len(d)].append(seq_of(d))
+    for size, v in seqs.items():
+        assert v == list(range(len(v))), size  # once each, in order
