@@ -2,8 +2,11 @@
 # Fuzz every libFuzzer target (ASan+UBSan, clang) until each has run at
 # least --runs executions (default 10,000,000), starting from the seed
 # corpora in tests/fuzz/corpus/ and the regression inputs in
-# tests/fuzz/regress/.  Not part of the test command (it takes hours on two
-# cores); tests/run.sh runs the same targets for RP_FUZZ_SECONDS each.
+# tests/fuzz/regress/; then the manifest differential ("schema": as many
+# seeded mutations given to the JSON Schema and to the C readers, built
+# with ASan, scripts/manifest-diff.py).  Not part of the test command (it
+# takes hours on two cores); tests/run.sh runs the libFuzzer targets for
+# RP_FUZZ_SECONDS each and 9,000 differential mutations.
 #
 #   scripts/fuzz.sh                      all targets, 10M executions each
 #   scripts/fuzz.sh --runs 1000000 broker codec
@@ -30,20 +33,33 @@ while [ $# -gt 0 ]; do
     *) TARGETS+=("$1"); shift ;;
   esac
 done
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(broker manifest config codec squeue)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(broker manifest config codec squeue schema)
 
 command -v clang >/dev/null || { echo "clang is needed" >&2; exit 1; }
 scripts/install-deps.sh test >/dev/null
 CC=clang cmake -S "$ROOT" -B "$ROOT/build-fuzz" -DRPCPLUGIN_BENCH=OFF \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRPCPLUGIN_FUZZ=ON >/dev/null
-cmake --build "$ROOT/build-fuzz" -j"$(nproc)" \
-  $(printf -- '--target fuzz_%s ' "${TARGETS[@]}") >/dev/null
+libfuzz=()
+for t in "${TARGETS[@]}"; do
+  if [ "$t" = schema ]; then libfuzz+=(--target manifest_check)
+  else libfuzz+=(--target "fuzz_$t"); fi
+done
+cmake --build "$ROOT/build-fuzz" -j"$(nproc)" "${libfuzz[@]}" >/dev/null
 
 work="$ROOT/build-fuzz/long"
 mkdir -p "$work"
 summary="$ROOT/build-fuzz/fuzz-summary.txt"
 : > "$summary"
 for t in "${TARGETS[@]}"; do
+  if [ "$t" = schema ]; then
+    echo "== manifest differential: $RUNS documents"
+    t0=$(date +%s)
+    /usr/bin/python3 scripts/manifest-diff.py --runs "$RUNS" \
+      --build "$ROOT/build-fuzz" | tee "$work/schema.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "the schema and the readers disagree"; exit 1; }
+    echo "schema: $(tail -n 1 "$work/schema.log")" >> "$summary"
+    continue
+  fi
   bin="$ROOT/build-fuzz/tests/fuzz_$t"
   corpus="$work/$t"
   mkdir -p "$corpus"
