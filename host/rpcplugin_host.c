@@ -10,9 +10,12 @@
  *      lists in PLUGIN_PROTOCOL_VERSIONS, else the lowest one (go-plugin's
  *      fallback: the client then reports the mismatch itself);
  *   2. the manifest, the AutoMTLS certificate when PLUGIN_CLIENT_CERT is set,
- *      the gRPC server (unix socket in a fresh 0700 directory, or tcp on
- *      127.0.0.1 within PLUGIN_MIN_PORT..PLUGIN_MAX_PORT), the runtime and
- *      the module;
+ *      the gRPC server with explicit transport limits (largest message and
+ *      metadata, streams per connection, idle connections closed), the
+ *      listening socket (unix socket in a fresh 0700 directory, or tcp on
+ *      127.0.0.1 within PLUGIN_MIN_PORT..PLUGIN_MAX_PORT; without AutoMTLS
+ *      the host's own, whose connections it counts and bounds: see
+ *      "connections" below), the runtime and the module;
  *   3. the handshake line "1|APP|NETWORK|ADDRESS|grpc[|CERT]", written to
  *      stdout with one write(2) as soon as the socket listens and the module
  *      is loaded; then the server, the runtime and the pipe reader start (a
@@ -26,12 +29,14 @@
  *
  * Then the main thread waits (signalfd + an eventfd the module's shutdown
  * callback writes) for Shutdown, SIGTERM, SIGINT or the child's exit (SIGHUP swaps),
- * and runs one graceful path for all of them:
+ * looking every 5 s whether memory that a flood freed can go back to the
+ * kernel (give_memory_back), and runs one graceful path for all of them:
  *   terminate the child's process group (SIGTERM, SIGKILL after
  *   --kill-grace), stop holding the pipes, let the reader hand over what the
- *   pipes hold (bounded), rpcplugin_runtime_shutdown (stop serving, flush
- *   stdio streams and finish them with OK, stop the module; a put_line still
- *   blocked returns RPCPLUGIN_ESHUTDOWN), join the reader,
+ *   pipes hold (bounded), stop accepting connections,
+ *   rpcplugin_runtime_shutdown (stop serving, flush stdio streams and
+ *   finish them with OK, stop the module; a put_line still blocked returns
+ *   RPCPLUGIN_ESHUTDOWN), join the reader,
  *   rpcplugin_runtime_destroy (dlclose), destroy the server, remove the
  *   socket and its directory, exit 0.
  *
@@ -51,6 +56,7 @@
 #include <getopt.h>
 #include <grp.h>
 #include <limits.h>
+#include <malloc.h>
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -68,11 +74,13 @@
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <arpa/inet.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <grpc/grpc.h>
+#include <grpc/grpc_posix.h>
 #include <grpc/grpc_security.h>
 #include <cjson/cJSON.h>
 #include <grpc/support/log.h>
@@ -88,6 +96,16 @@
 #define KILL_WAIT_MS 300 /* after SIGKILL */
 #define DRAIN_MS 200     /* reading what the pipes hold at shutdown */
 #define DRAIN_WAIT_MS 300
+/* Transport limits (--help, docs/rpcplugin-host.1 "Limits"). */
+#define DEFAULT_MAX_RECV_BYTES (4L << 20) /* gRPC's own default, made explicit */
+#define DEFAULT_MAX_STREAMS 2048          /* per connection; see parse_args */
+#define DEFAULT_MAX_METADATA 8192         /* gRPC's own default, made explicit */
+#define DEFAULT_MAX_CONNECTIONS 64
+#define MAX_CONNECTIONS 65536 /* the largest --max-connections */
+#define DEFAULT_IDLE_MS 60000
+/* Memory back after a flood: see give_memory_back. */
+#define TRIM_CHECK_MS 5000
+#define TRIM_FREED_BYTES ((size_t)2 << 20)
 
 #ifndef RPCPLUGIN_VERSION
 #define RPCPLUGIN_VERSION "unknown"
@@ -109,6 +127,12 @@ static struct {
   int exit_on_sigint;
   int full_teardown;
   long poll_threads;
+  long max_recv_bytes;  /* --max-receive-bytes */
+  long max_streams;     /* --max-concurrent-streams */
+  long max_metadata;    /* --max-metadata-bytes */
+  long max_connections; /* --max-connections; 0: no bound */
+  int max_connections_set;
+  long idle_ms;         /* --max-connection-idle; 0: never */
   int no_reflection; /* --no-reflection */
   int log_level;
   gid_t sock_gid; /* PLUGIN_UNIX_SOCKET_GROUP */
@@ -232,6 +256,20 @@ static void usage(FILE *f) {
 "                            (same services; default: SIGHUP reloads MANIFEST)\n"
 "  --poll-threads N          threads that run the handlers (default 4 with an\n"
 "                            application manifest, else 1)\n"
+"  --max-receive-bytes N     largest message a client may send (default %ld,\n"
+"                            gRPC's own); a larger one ends its call with\n"
+"                            RESOURCE_EXHAUSTED\n"
+"  --max-concurrent-streams N\n"
+"                            calls open at once on one connection (HTTP/2\n"
+"                            SETTINGS_MAX_CONCURRENT_STREAMS, default %ld);\n"
+"                            the client holds further ones back until one ends\n"
+"  --max-metadata-bytes N    largest metadata (headers) a call may carry\n"
+"                            (default %ld, gRPC's own)\n"
+"  --max-connections N       connections open at once (default %ld, 0: no\n"
+"                            bound); one more is closed at once with an HTTP/2\n"
+"                            GOAWAY; not applied with AutoMTLS (see the manual)\n"
+"  --max-connection-idle MS  close a connection that has had no call for MS\n"
+"                            (default %ld; 0: never)\n"
 "  --full-teardown           before exiting, also unload the module, destroy\n"
 "                            the server and shut gRPC down (for leak checkers;\n"
 "                            by default the host exits once everything was\n"
@@ -256,7 +294,9 @@ static void usage(FILE *f) {
 "fields and a note goes to stderr); RPCPLUGIN_MODULE_PATH (module search\n"
 "path), RPCPLUGIN_MANIFEST_PATH (where an application manifest's\n"
 "infrastructure manifest is looked for), TMPDIR.\n",
-          DEFAULT_KILL_GRACE_MS);
+          DEFAULT_KILL_GRACE_MS, DEFAULT_MAX_RECV_BYTES,
+          (long)DEFAULT_MAX_STREAMS, (long)DEFAULT_MAX_METADATA,
+          (long)DEFAULT_MAX_CONNECTIONS, (long)DEFAULT_IDLE_MS);
   /* clang-format on */
 }
 
@@ -303,7 +343,12 @@ static int parse_args(int argc, char **argv) {
     O_TEARDOWN,
     O_NOREFL,
     O_POLLERS,
-    O_SWAPTO
+    O_SWAPTO,
+    O_MAXRECV,
+    O_MAXSTREAMS,
+    O_MAXMETA,
+    O_MAXCONN,
+    O_IDLE
   };
   static const struct option longopts[] = {
       {"magic-cookie", required_argument, NULL, O_COOKIE},
@@ -319,6 +364,11 @@ static int parse_args(int argc, char **argv) {
       {"no-reflection", no_argument, NULL, O_NOREFL},
       {"poll-threads", required_argument, NULL, O_POLLERS},
       {"swap-to", required_argument, NULL, O_SWAPTO},
+      {"max-receive-bytes", required_argument, NULL, O_MAXRECV},
+      {"max-concurrent-streams", required_argument, NULL, O_MAXSTREAMS},
+      {"max-metadata-bytes", required_argument, NULL, O_MAXMETA},
+      {"max-connections", required_argument, NULL, O_MAXCONN},
+      {"max-connection-idle", required_argument, NULL, O_IDLE},
       {"verbose", no_argument, NULL, 'v'},
       {"help", no_argument, NULL, 'h'},
       {"version", no_argument, NULL, 'V'},
@@ -330,6 +380,26 @@ static int parse_args(int argc, char **argv) {
   H.exit_with_child = 1;
   H.kill_grace_ms = DEFAULT_KILL_GRACE_MS;
   H.poll_threads = 0; /* by the manifest: see main */
+  /* The transport's limits.  The message and metadata bounds are gRPC's
+   * own defaults, set explicitly.  Streams per connection: gRPC's default
+   * has no bound; 2048 leaves room for everything the module allows on
+   * one connection (config.broker.max_streams 1024 StartStream streams
+   * and config.stdio.max_streams 16 StreamStdio streams at their
+   * defaults) plus as many unary calls, so with the default manifest a
+   * client meets the module's limits (RESOURCE_EXHAUSTED at once) before
+   * the transport's (calls held back).  Connections: go-plugin's client
+   * opens one, a tool such as grpcurl one more; an idle one costs about
+   * 17 KiB and a descriptor (measured, tests/integration/test_limits.py),
+   * so 64 hold about 1 MiB and stay far below the usual RLIMIT_NOFILE of
+   * 1024.  Idle: a go-plugin client keeps its StartStream stream open, so
+   * its connection is never idle; one that anything else left open without
+   * calls gives its descriptor and memory back after a minute (a gRPC
+   * client reconnects at its next call). */
+  H.max_recv_bytes = DEFAULT_MAX_RECV_BYTES;
+  H.max_streams = DEFAULT_MAX_STREAMS;
+  H.max_metadata = DEFAULT_MAX_METADATA;
+  H.max_connections = DEFAULT_MAX_CONNECTIONS;
+  H.idle_ms = DEFAULT_IDLE_MS;
   H.log_level = RPCPLUGIN_LOG_WARN;
   opterr = 0;
   /* "+": options end at MANIFEST, so COMMAND's own options stay its own. */
@@ -410,6 +480,49 @@ static int parse_args(int argc, char **argv) {
         break;
       case O_SWAPTO:
         H.swap_to = optarg;
+        break;
+      case O_MAXRECV:
+        if (parse_long(optarg, 1024, INT_MAX, &v)) {
+          early("--max-receive-bytes: expected bytes 1024..%d, got \"%s\"",
+                INT_MAX, optarg);
+          return 2;
+        }
+        H.max_recv_bytes = v;
+        break;
+      case O_MAXSTREAMS:
+        if (parse_long(optarg, 1, INT_MAX, &v)) {
+          early("--max-concurrent-streams: expected 1..%d, got \"%s\"",
+                INT_MAX, optarg);
+          return 2;
+        }
+        H.max_streams = v;
+        break;
+      case O_MAXMETA:
+        if (parse_long(optarg, 1024, 16L << 20, &v)) {
+          early("--max-metadata-bytes: expected bytes 1024..%ld, got \"%s\"",
+                16L << 20, optarg);
+          return 2;
+        }
+        H.max_metadata = v;
+        break;
+      case O_MAXCONN:
+        if (parse_long(optarg, 0, MAX_CONNECTIONS, &v)) {
+          early("--max-connections: expected 0..%d (0: no bound), got \"%s\"",
+                MAX_CONNECTIONS, optarg);
+          return 2;
+        }
+        H.max_connections = v;
+        H.max_connections_set = 1;
+        break;
+      case O_IDLE:
+        if (parse_long(optarg, 0, INT_MAX, &v)) {
+          early(
+              "--max-connection-idle: expected milliseconds 0..%d (0: never), "
+              "got \"%s\"",
+              INT_MAX, optarg);
+          return 2;
+        }
+        H.idle_ms = v;
         break;
       case 'v':
         if (H.log_level < RPCPLUGIN_LOG_DEBUG) H.log_level++;
@@ -596,7 +709,66 @@ static int port_free(long port) {
   return ok;
 }
 
-/* Add the listening port; fills addr (the handshake's NETWORK-ADDR). */
+/*
+ * Incoming connections.  gRPC 1.51's C core has no bound on how many
+ * connections a server holds (GRPC_ARG_MAX_ALLOWED_INCOMING_CONNECTIONS
+ * came in a later release), and its listener stops accepting for good at
+ * the first accept(2) error other than EAGAIN or EINTR: a flood that takes
+ * the process to RLIMIT_NOFILE ("Failed accept4: Too many open files")
+ * would leave the plugin unreachable after the flood ended.  So, without
+ * AutoMTLS, the host listens on a socket of its own: one thread accepts,
+ * counts the connections still open, and hands each one to gRPC with
+ * grpc_server_add_channel_from_fd (the server's channel arguments apply to
+ * it as to gRPC's own connections).  A connection beyond --max-connections
+ * is answered with an HTTP/2 GOAWAY (ENHANCE_YOUR_CALM, "too many
+ * connections") and closed; an accept(2) that fails (EMFILE) is tried
+ * again 100 ms later.  A connection counts as open while the descriptor
+ * gRPC got for it is open (gRPC closes it when the connection ends): the
+ * thread records each one's number and inode, and looks again (fstat) when
+ * it needs the count.  With AutoMTLS gRPC listens itself (1.51's
+ * grpc_server_add_channel_from_fd takes insecure credentials only), and
+ * connections are not bounded.
+ */
+typedef struct conn_rec {
+  int fd;
+  dev_t dev;
+  ino_t ino;
+} conn_rec;
+
+static struct {
+  int fd; /* our listening socket; -1: gRPC listens (AutoMTLS) */
+  int tcp;
+  int stop_fd; /* eventfd: stop the acceptor */
+  int running; /* the acceptor thread was started */
+  pthread_t thread;
+  grpc_server *server;
+  grpc_server_credentials *creds; /* insecure, for the accepted fds */
+  conn_rec *conns;                /* max_connections entries */
+  size_t nconns;
+  /* counters (written by the acceptor, read by log_stats) */
+  _Atomic unsigned long accepted, refused, accept_errors;
+  unsigned long refused_reported;
+  int64_t last_report_ms;
+} L = {.fd = -1, .stop_fd = -1};
+
+/* Bind and listen on a socket of our own; -1 (errno set) on failure. */
+static int own_listener(const struct sockaddr *sa, socklen_t len) {
+  int fd = socket(sa->sa_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK,
+                  0),
+      one = 1, e;
+  if (fd < 0) return -1;
+  if (sa->sa_family == AF_INET)
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  if (bind(fd, sa, len) == 0 && listen(fd, SOMAXCONN) == 0) return fd;
+  e = errno;
+  close(fd);
+  errno = e;
+  return -1;
+}
+
+/* Add the listening port; fills addr (the handshake's NETWORK-ADDR).
+ * creds NULL: listen ourselves (insecure, connections bounded), else
+ * gRPC's listener with creds. */
 static int listen_on(grpc_server *server, grpc_server_credentials *creds,
                      char *addr, size_t addrlen) {
   char target[PATH_MAX + 8];
@@ -627,7 +799,17 @@ static int listen_on(grpc_server *server, grpc_server_credentials *creds,
       return -1;
     }
     snprintf(target, sizeof target, "unix:%s", H.sock_path);
-    if (grpc_server_add_http2_port(server, target, creds) <= 0) {
+    if (creds == NULL) {
+      struct sockaddr_un a;
+      memset(&a, 0, sizeof a);
+      a.sun_family = AF_UNIX;
+      memcpy(a.sun_path, H.sock_path, strlen(H.sock_path) + 1);
+      L.fd = own_listener((struct sockaddr *)&a, sizeof a);
+      if (L.fd < 0) {
+        early("cannot listen on %s: %s", H.sock_path, strerror(errno));
+        return -1;
+      }
+    } else if (grpc_server_add_http2_port(server, target, creds) <= 0) {
       early("cannot listen on %s", H.sock_path);
       return -1;
     }
@@ -639,6 +821,23 @@ static int listen_on(grpc_server *server, grpc_server_credentials *creds,
     if (port_range(&lo, &hi)) return -1;
     for (port = lo; port <= hi; port++) {
       int bound;
+      if (creds == NULL) {
+        struct sockaddr_in a;
+        socklen_t alen = sizeof a;
+        memset(&a, 0, sizeof a);
+        a.sin_family = AF_INET;
+        a.sin_port = htons((uint16_t)port);
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        L.fd = own_listener((struct sockaddr *)&a, sizeof a);
+        if (L.fd < 0) continue;
+        if (getsockname(L.fd, (struct sockaddr *)&a, &alen) != 0) {
+          early("getsockname: %s", strerror(errno));
+          return -1;
+        }
+        L.tcp = 1;
+        snprintf(addr, addrlen, "127.0.0.1:%d", (int)ntohs(a.sin_port));
+        return 0;
+      }
       if (port != 0 && !port_free(port)) continue;
       snprintf(target, sizeof target, "127.0.0.1:%ld", port);
       bound = grpc_server_add_http2_port(server, target, creds);
@@ -862,6 +1061,182 @@ static void terminate_group(void) {
     say("child process group %d did not end after SIGKILL", (int)H.child);
 }
 
+/* ------------------------------------------------------- connections */
+
+/* Connections handed to gRPC that are still open (see listen_on's
+ * comment); forgets the others. */
+static size_t open_connections(void) {
+  size_t i = 0;
+  while (i < L.nconns) {
+    struct stat st;
+    conn_rec *c = &L.conns[i];
+    if (fstat(c->fd, &st) == 0 && st.st_dev == c->dev && st.st_ino == c->ino)
+      i++;
+    else
+      L.conns[i] = L.conns[--L.nconns];
+  }
+  return L.nconns;
+}
+
+/* Over --max-connections: tell the client why (HTTP/2 server preface, a
+ * SETTINGS frame, then GOAWAY with ENHANCE_YOUR_CALM), best effort, and
+ * close.  What the client already sent is read first, so that a tcp close
+ * sends FIN rather than RST (which could discard the GOAWAY unread). */
+static void refuse(int fd) {
+  unsigned char buf[128];
+  char debug[80];
+  int n = snprintf(debug, sizeof debug,
+                   "too many connections (rpcplugin-host --max-connections "
+                   "%ld)",
+                   H.max_connections);
+  size_t len = (size_t)n, i;
+  static const unsigned char settings[9] = {0, 0, 0, 4, 0, 0, 0, 0, 0};
+  memcpy(buf, settings, 9);
+  /* GOAWAY: length, type 7, flags 0, stream 0; last stream 0; code 11. */
+  buf[9] = 0;
+  buf[10] = 0;
+  buf[11] = (unsigned char)(8 + len);
+  buf[12] = 7;
+  memset(buf + 13, 0, 4 + 1 + 4 + 3);
+  buf[25] = 11;
+  memcpy(buf + 26, debug, len);
+  for (i = 0; i < 4; i++)
+    if (read(fd, debug, sizeof debug) <= 0) break;
+  (void)!send(fd, buf, 26 + len, MSG_NOSIGNAL | MSG_DONTWAIT);
+  shutdown(fd, SHUT_WR);
+  close(fd);
+}
+
+/* Report refusals on the plugin's stderr: the first one, then at most one
+ * message every 10 s with the count, so a flood does not flood the
+ * client's stdio stream too. */
+static void report_refusals(int force) {
+  unsigned long r = atomic_load(&L.refused);
+  int64_t now = now_ms();
+  if (r == L.refused_reported) return;
+  if (!force && L.last_report_ms && now - L.last_report_ms < 10000) return;
+  say("refused %lu connection%s over --max-connections %ld (%lu so far)",
+      r - L.refused_reported, r - L.refused_reported == 1 ? "" : "s",
+      H.max_connections, r);
+  L.refused_reported = r;
+  L.last_report_ms = now;
+}
+
+static void admit(int fd) {
+  struct stat st;
+  if (H.max_connections > 0) {
+    if (open_connections() >= (size_t)H.max_connections) {
+      refuse(fd);
+      atomic_fetch_add(&L.refused, 1);
+      report_refusals(0);
+      return;
+    }
+    /* Recorded before gRPC owns (and may close) the descriptor. */
+    if (fstat(fd, &st) == 0) {
+      L.conns[L.nconns].fd = fd;
+      L.conns[L.nconns].dev = st.st_dev;
+      L.conns[L.nconns].ino = st.st_ino;
+      L.nconns++;
+    }
+  }
+  if (L.tcp) {
+    int one = 1; /* as gRPC's own listener does */
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  }
+  atomic_fetch_add(&L.accepted, 1);
+  grpc_server_add_channel_from_fd(L.server, fd, L.creds);
+}
+
+static void *acceptor_main(void *arg) {
+  int backoff = 0;
+  int64_t last_error_ms = 0;
+  (void)arg;
+  for (;;) {
+    /* After a failed accept, only the stop event for 100 ms: the
+     * connection that could not be accepted is still pending. */
+    struct pollfd fds[2] = {{L.stop_fd, POLLIN, 0},
+                            {L.fd, backoff ? 0 : POLLIN, 0}};
+    int fd;
+    /* Refusals not reported yet: look again within 10 s. */
+    int timeout = backoff ? 100
+                  : L.refused_reported != atomic_load(&L.refused) ? 10000
+                                                                   : -1;
+    if (poll(fds, 2, timeout) < 0) {
+      if (errno == EINTR) continue;
+      say("connections: poll: %s", strerror(errno));
+      break;
+    }
+    if (fds[0].revents) break;
+    report_refusals(0);
+    if (backoff) {
+      backoff = 0;
+      continue;
+    }
+    if (!(fds[1].revents & POLLIN)) continue;
+    fd = accept4(L.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      int e = errno;
+      if (e == EINTR || e == EAGAIN || e == EWOULDBLOCK || e == ECONNABORTED)
+        continue;
+      /* EMFILE, ENFILE, ENOBUFS, ENOMEM: wait, and accept it then. */
+      atomic_fetch_add(&L.accept_errors, 1);
+      if (now_ms() - last_error_ms >= 10000) {
+        say("connections: accept: %s (trying again every 100 ms)",
+            strerror(e));
+        last_error_ms = now_ms();
+      }
+      backoff = 1;
+      continue;
+    }
+    admit(fd);
+  }
+  report_refusals(1);
+  return NULL;
+}
+
+/* After grpc_server_start: accept on our own socket.  0 or -errno. */
+static int acceptor_start(grpc_server *server) {
+  int rc;
+  if (L.fd < 0) return 0;
+  L.server = server;
+  L.creds = grpc_insecure_server_credentials_create();
+  L.stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (H.max_connections > 0)
+    L.conns = calloc((size_t)H.max_connections, sizeof *L.conns);
+  if (L.creds == NULL || L.stop_fd < 0 ||
+      (H.max_connections > 0 && L.conns == NULL))
+    return -ENOMEM;
+  if ((rc = pthread_create(&L.thread, NULL, acceptor_main, NULL)) != 0)
+    return -rc;
+  L.running = 1;
+  return 0;
+}
+
+/* Stop accepting (before the drain: what connects from now on is refused
+ * by the kernel, as after gRPC's own listener shuts down). */
+static void acceptor_stop(void) {
+  if (L.running) {
+    uint64_t one = 1;
+    (void)!write(L.stop_fd, &one, sizeof one);
+    pthread_join(L.thread, NULL);
+    L.running = 0;
+  }
+  if (L.fd >= 0) {
+    close(L.fd);
+    L.fd = -1;
+  }
+}
+
+static void acceptor_free(void) {
+  acceptor_stop();
+  if (L.stop_fd >= 0) close(L.stop_fd);
+  L.stop_fd = -1;
+  if (L.creds) grpc_server_credentials_release(L.creds);
+  L.creds = NULL;
+  free(L.conns);
+  L.conns = NULL;
+}
+
 /* ---------------------------------------------------------- lifecycle */
 
 static int64_t now_us(void) {
@@ -904,6 +1279,10 @@ static void log_stats(void) {
       (unsigned long long)st.stdio_dropped_bytes,
       (unsigned long long)st.broker_streams,
       (unsigned long long)st.broker_messages_in);
+  if (L.stop_fd >= 0)
+    say("connections: accepted=%lu refused=%lu accept_errors=%lu",
+        atomic_load(&L.accepted), atomic_load(&L.refused),
+        atomic_load(&L.accept_errors));
 }
 
 /* One module's part of a swap's log line: its times and, for the
@@ -1043,15 +1422,50 @@ static int serve_until_flushed(int64_t exit_ms, long flush_deadline_ms) {
   }
 }
 
+/*
+ * Memory back after a flood.  What a flood makes gRPC and the module
+ * allocate is freed when it ends, but glibc keeps what was freed in its
+ * arenas (gRPC buffers in many small slices, which never coalesce into a
+ * heap top that free() would trim), so the process stayed as large as the
+ * flood made it: a 128 MiB message over --max-receive-bytes (gRPC 1.51
+ * takes a message in whole before refusing it) left the host 128 MiB
+ * larger for good, 20,000 unread broker knocks 4.4 MiB, 500 connections
+ * 9 MiB.  The module trims after a flood of streams only (module/rp_trim.h).
+ * So every TRIM_CHECK_MS the main thread looks at how much glibc holds
+ * free (mallinfo2: arena bytes in free chunks); once that grew by
+ * TRIM_FREED_BYTES since the last trim, malloc_trim(0) hands the free
+ * pages back to the kernel.  Memory in use is never touched, and a process
+ * whose allocations do not change never trims.
+ */
+static void give_memory_back(void) {
+  static size_t mark = (size_t)-1; /* free bytes after the last trim */
+  struct mallinfo2 mi = mallinfo2();
+  if (mark == (size_t)-1 || mi.fordblks < mark) {
+    mark = mi.fordblks; /* first look, or free memory was reused */
+    return;
+  }
+  if (mi.fordblks - mark < TRIM_FREED_BYTES) return;
+  malloc_trim(0);
+  if (H.log_level >= RPCPLUGIN_LOG_DEBUG)
+    say("memory: %zu KiB more free than after the last trim: trimmed",
+        (mi.fordblks - mark) / 1024);
+  mark = mallinfo2().fordblks;
+}
+
 /* Wait for a reason to stop. */
 static int main_loop(void) {
+  give_memory_back(); /* the first look: where free memory starts */
   for (;;) {
     struct pollfd fds[2] = {{H.sig_fd, POLLIN, 0}, {H.wake_fd, POLLIN, 0}};
-    int reason = R_NONE;
-    if (poll(fds, 2, -1) < 0) {
+    int reason = R_NONE, n = poll(fds, 2, TRIM_CHECK_MS);
+    if (n < 0) {
       if (errno == EINTR) continue;
       say("poll: %s", strerror(errno));
       return R_SIGNAL;
+    }
+    if (n == 0) {
+      give_memory_back();
+      continue;
     }
     if (fds[1].revents) reason = R_SHUTDOWN;
     if (fds[0].revents) {
@@ -1183,23 +1597,45 @@ int main(int argc, char **argv) {
   trace_startup("gRPC initialised", t0);
   grpc_up = 1;
   gpr_set_log_function(on_gpr_log);
-  server = grpc_server_create(NULL, NULL);
+  {
+    /* The transport's limits, explicit (parse_args has the defaults). */
+    grpc_arg a[4];
+    grpc_channel_args ca = {0, a};
+    const char *keys[4] = {GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH,
+                           GRPC_ARG_MAX_CONCURRENT_STREAMS,
+                           GRPC_ARG_MAX_METADATA_SIZE,
+                           GRPC_ARG_MAX_CONNECTION_IDLE_MS};
+    long vals[4] = {H.max_recv_bytes, H.max_streams, H.max_metadata,
+                    H.idle_ms};
+    size_t i;
+    for (i = 0; i < 4; i++) {
+      if (vals[i] <= 0) continue; /* idle 0: never (gRPC's default) */
+      a[ca.num_args].type = GRPC_ARG_INTEGER;
+      a[ca.num_args].key = (char *)keys[i];
+      a[ca.num_args].value.integer = (int)vals[i];
+      ca.num_args++;
+    }
+    server = grpc_server_create(&ca, NULL);
+  }
   trace_startup("server created", t0);
   if (cert.cert_pem) {
+    /* AutoMTLS: gRPC's own listener (see listen_on). */
     grpc_ssl_pem_key_cert_pair pair = {cert.key_pem, cert.cert_pem};
     creds = grpc_ssl_server_credentials_create_ex(
         client_pem, &pair, 1,
         GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY, NULL);
-  } else {
-    creds = grpc_insecure_server_credentials_create();
-  }
-  if (creds == NULL) {
-    early("cannot create the server credentials");
-    goto fail;
+    if (creds == NULL) {
+      early("cannot create the server credentials");
+      goto fail;
+    }
+    if (H.max_connections_set && H.max_connections > 0)
+      early(
+          "note: --max-connections is not applied with AutoMTLS "
+          "(PLUGIN_CLIENT_CERT): gRPC accepts TLS connections itself");
   }
   rc = listen_on(server, creds, addr, sizeof addr);
   trace_startup("listening", t0);
-  grpc_server_credentials_release(creds);
+  if (creds) grpc_server_credentials_release(creds);
   if (rc) goto fail;
 
   memset(&ro, 0, sizeof ro);
@@ -1262,9 +1698,9 @@ int main(int argc, char **argv) {
   trace_startup("module loaded", t0);
 
   /* 3. The handshake: one write, so it is flushed at once.  The socket
-   * already listens (grpc_server_add_http2_port binds and listens), so a
-   * client that connects now waits in the kernel's backlog until the
-   * server starts below; go-plugin's own plugins also print the line
+   * already listens (listen_on binds and listens), so a client that
+   * connects now waits in the kernel's backlog until the server and the
+   * acceptor start below; go-plugin's own plugins also print the line
    * before they serve.  What can still fail after it is only the creation
    * of threads. */
   len = (size_t)snprintf(line, sizeof line, "1|%d|%s|%s|grpc%s%s\n",
@@ -1281,6 +1717,10 @@ int main(int argc, char **argv) {
   started = 1;
   if (rpcplugin_runtime_start(rt, &err) != 0) {
     early("%s", err.message);
+    goto fail;
+  }
+  if ((rc = acceptor_start(server)) != 0) {
+    early("cannot start accepting connections: %s", strerror(-rc));
     goto fail;
   }
   /* Without GRPCStdio the reader writes to the original stdout. */
@@ -1339,6 +1779,7 @@ int main(int argc, char **argv) {
   trace_phase("pipes drained", t0);
   /* Stop accepting, flush and end the streams, stop the module, let the
    * connections close once their last replies were read. */
+  acceptor_stop();
   rpcplugin_runtime_drain(rt);
   trace_phase("runtime drained", t0);
   {
@@ -1371,6 +1812,7 @@ int main(int argc, char **argv) {
   rpcplugin_runtime_destroy(rt);
   trace_phase("module unloaded", t0);
   grpc_server_destroy(server);
+  acceptor_free();
   rpcplugin_manifest_free(manifest);
   rpcplugin_manifest_free(app);
   host_tls_free(&cert);
@@ -1381,10 +1823,12 @@ int main(int argc, char **argv) {
 fail:
   /* Before the handshake (or right at it): undo and exit 1. */
   if (H.pipes && started) host_pipes_stop(H.pipes, 0);
+  acceptor_stop();
   if (rt) rpcplugin_runtime_shutdown(rt);
   if (H.pipes) host_pipes_destroy(H.pipes);
   if (rt) rpcplugin_runtime_destroy(rt);
   if (server) grpc_server_destroy(server);
+  acceptor_free();
   remove_socket();
   rpcplugin_manifest_free(manifest);
   rpcplugin_manifest_free(app);
