@@ -403,10 +403,27 @@ static void resolve_waiters(rp_broker *b, sub *s, int ok, const char *why,
 
 /* Close s (under b->mu): out of the table; its channel is destroyed now
  * unless the host borrowed it. */
+static void watch(rp_broker *b, sub *s, grpc_connectivity_state last);
+
 static void close_sub(rp_broker *b, sub *s, const char *why, actions *a) {
+  int connecting = s->state == SUB_CONNECTING;
   unlink_sub(b, s);
   s->state = SUB_CLOSED;
   resolve_waiters(b, s, 0, why, a);
+  if (s->ch && connecting && s->borrowers == 0 && !b->stopping) {
+    /* gRPC 1.51 orphans a connection that completes after its channel was
+     * destroyed (its descriptor and the peer's connection stay open): let
+     * the attempt end first (gRPC's own connect timeout ends it), then
+     * destroy the channel (watch_done). */
+    if (!s->watching) {
+      s->deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                 gpr_time_from_millis(30000, GPR_TIMESPAN));
+      watch(b, s, GRPC_CHANNEL_CONNECTING);
+    }
+    s->next = b->closed;
+    b->closed = s;
+    return;
+  }
   if (s->ch && (s->borrowers == 0 || b->stopping)) {
     if (s->borrowers)
       rp_log(b->inst, RPCPLUGIN_LOG_WARN,
@@ -468,6 +485,15 @@ static void watch_done(rpcplugin_tag *t, int ok) {
       watch(b, s, st);
     }
   } else {
+    if (s->state == SUB_CLOSED && s->ch && s->borrowers == 0) {
+      grpc_connectivity_state st = grpc_channel_check_connectivity_state(s->ch, 0);
+      if (ok && !b->stopping && st == GRPC_CHANNEL_CONNECTING) {
+        watch(b, s, st);
+      } else {
+        grpc_channel_destroy(s->ch);
+        s->ch = NULL;
+      }
+    }
     free_sub_if_done(b, s);
   }
   if (b->nwatching == 0) pthread_cond_broadcast(&b->cv);
@@ -575,6 +601,7 @@ static void open_sub(rp_broker *b, bstream *st, const Plugin__ConnInfo *m,
        * if it does not come the subchannel is closed. */
       if (cs == GRPC_CHANNEL_IDLE)
         cs = grpc_channel_check_connectivity_state(s->ch, 0);
+      if (cs != GRPC_CHANNEL_CONNECTING) cs = GRPC_CHANNEL_IDLE; /* at once */
       s->state = SUB_CONNECTING;
       s->deadline = gpr_time_add(
           gpr_now(GPR_CLOCK_MONOTONIC),
@@ -623,9 +650,12 @@ static void open_sub(rp_broker *b, bstream *st, const Plugin__ConnInfo *m,
         cs = grpc_channel_check_connectivity_state(s->ch, 1);
         /* Asking to connect usually moves an idle channel to CONNECTING
          * before the call returns: look again, so the first watch waits
-         * for READY instead of reporting that step. */
+         * for READY instead of reporting that step.  The channel may be
+         * READY (or failed) already: then watch from IDLE, so the watch
+         * fires at once and watch_done sees the state. */
         if (cs == GRPC_CHANNEL_IDLE)
           cs = grpc_channel_check_connectivity_state(s->ch, 0);
+        if (cs != GRPC_CHANNEL_CONNECTING) cs = GRPC_CHANNEL_IDLE;
         watch(b, s, cs);
       }
     }
@@ -1359,6 +1389,14 @@ static void broker_stop(rp_instance *inst) {
   b->stopping = 1;
   for (i = 0; i < NBUCKETS; i++)
     while (b->table[i]) close_sub(b, b->table[i], "plugin is shutting down", &a);
+  { /* closed while connecting, waiting for the attempt to end: now */
+    sub *s;
+    for (s = b->closed; s; s = s->next)
+      if (s->ch && s->borrowers == 0) {
+        grpc_channel_destroy(s->ch);
+        s->ch = NULL;
+      }
+  }
   for (st = b->streams; st; st = st->next) pump_locked(b, st, &a);
   pthread_cond_broadcast(&b->cv);
   pthread_mutex_unlock(&b->mu);

@@ -41,7 +41,7 @@ CC=clang cmake -S "$ROOT" -B "$ROOT/build-fuzz" -DRPCPLUGIN_BENCH=OFF \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRPCPLUGIN_FUZZ=ON >/dev/null
 libfuzz=()
 for t in "${TARGETS[@]}"; do
-  if [ "$t" = schema ]; then libfuzz+=(--target manifest_check)
+  if [ "$t" = schema ]; then libfuzz+=(--target manifest_check --target pystubs)
   else libfuzz+=(--target "fuzz_$t"); fi
 done
 cmake --build "$ROOT/build-fuzz" -j"$(nproc)" "${libfuzz[@]}" >/dev/null

@@ -180,6 +180,35 @@ def test_close_behind_a_knock_two_streams_wait_on(make_host, tmp_path,
         proxy.close()
 
 
+def test_timed_out_knocks_leave_no_connection(make_host, tmp_path, target):
+    """Knocks whose peer answers only after connect_timeout_ms get their
+    error replies; the connections they started must not outlive them
+    (gRPC 1.51 orphans a connection that completes after its channel was
+    destroyed: 4,000 timed-out knocks used to leave 4,000 descriptors)."""
+    host = make(make_host, tmp_path, connect_timeout_ms=200)
+    pid = host.proc.pid
+    nfds = lambda: len(os.listdir("/proc/%d/fd" % pid))  # noqa: E731
+    gate = threading.Event()
+    proxy = Recorder(target=("127.0.0.1", target), gate=gate)
+    try:
+        s = BrokerStream(host.channel())
+        s.send(knock_close(99))  # the client's own connection is counted
+        assert_error(s.recv(), 99, "not found")
+        base = nfds()
+        for k in range(1, 21):
+            s.send(knock_open(k, "tcp", "127.0.0.1:%d" % proxy.port))
+            assert_error(s.recv(), k, "not ready within 200 ms")
+        wait_until(lambda: proxy.count == 20, 10 * SLOW, "20 connections")
+        gate.set()  # the peers answer, late
+        assert s.end() == []
+        wait_until(lambda: nfds() <= base, 30 * SLOW,
+                   "descriptors back to %d" % base)
+        assert host.stats()["broker_subchannels"] == 0
+    finally:
+        gate.set()
+        proxy.close()
+
+
 def test_connect_timeout(make_host, tmp_path):
     host = make(make_host, tmp_path, connect_timeout_ms=300)
     silent = Recorder()
