@@ -650,6 +650,18 @@ def test_fd_limit_reached_then_accepting_again(hosts):
     assert h.health(c, timeout=20) == 1
 
 
+def wait_ready_then_idle(states, timeout=10):
+    """Wait until a channel's connectivity (a queue fed by subscribe)
+    has been READY and then IDLE: the host closed its idle connection."""
+    deadline = time.monotonic() + timeout * SLOW
+    seen_ready = False
+    while True:
+        st = states.get(timeout=max(0.01, deadline - time.monotonic()))
+        seen_ready = seen_ready or st == grpc.ChannelConnectivity.READY
+        if seen_ready and st == grpc.ChannelConnectivity.IDLE:
+            return
+
+
 def test_idle_connections_closed(hosts):
     """--max-connection-idle: connections without calls are closed (GOAWAY,
     then the close), and their descriptors given back; a connection with a
@@ -681,13 +693,7 @@ def test_idle_connections_closed(hosts):
     wait_until(lambda: nfds(pid) <= base, 10, "descriptors back")
     # The connection without calls went idle too: GOAWAY, the channel
     # goes IDLE; its next call reconnects.
-    deadline = time.monotonic() + 10 * SLOW
-    seen_ready = False
-    while True:
-        st = paused_states.get(timeout=max(0.01, deadline - time.monotonic()))
-        seen_ready = seen_ready or st == grpc.ChannelConnectivity.READY
-        if seen_ready and st == grpc.ChannelConnectivity.IDLE:
-            break
+    wait_ready_then_idle(paused_states)
     assert h.health(paused) == 1
     # The busy one (open since before the idle ones) was never cut.
     assert h.health(busy) == 1
@@ -750,12 +756,6 @@ def test_limits_with_automtls(hosts):
     # its next call reconnects.
     states = queue.Queue()
     chans[2].subscribe(states.put, try_to_connect=False)
-    deadline = time.monotonic() + 10 * SLOW
-    seen_ready = False
-    while True:
-        st = states.get(timeout=max(0.01, deadline - time.monotonic()))
-        seen_ready = seen_ready or st == grpc.ChannelConnectivity.READY
-        if seen_ready and st == grpc.ChannelConnectivity.IDLE:
-            break
+    wait_ready_then_idle(states)
     assert h.health(chans[2]) == 1
     assert h.health(chans[0]) == 1 and out.status is None
