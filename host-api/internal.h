@@ -84,6 +84,9 @@ void rp_app_call_start(struct rp_callset *set, const char *method, int kind,
                        grpc_call *call, grpc_byte_buffer *request,
                        gpr_timespec deadline);
 void rp_runtime_fill_host_api(rp_binding *b, rpcplugin_host_api *api);
+/* The runtime's multiplexer, or NULL (mux.h). */
+struct rp_mux;
+struct rp_mux *rp_runtime_mux(rpcplugin_runtime *rt);
 int rp_runtime_started(const rpcplugin_runtime *rt);
 /* Loader's list of modules, kept by the runtime for shutdown. */
 void rp_runtime_add_module(rpcplugin_runtime *rt, rpcplugin_module *mod);

@@ -17,6 +17,7 @@
  */
 #define _GNU_SOURCE
 #include "internal.h"
+#include "mux.h"
 
 #include <dlfcn.h>
 #include <errno.h>
@@ -791,6 +792,14 @@ int rpcplugin_module_broker_advertise(rpcplugin_module *mod,
                                       uint32_t service_id,
                                       const char *network,
                                       const char *address) {
+  struct rp_mux *mx = rp_runtime_mux(mod->rt);
+  if (mx != NULL) {
+    /* Multiplexing: go-plugin's Accept makes a listener and sends no
+     * ConnInfo; the client's knock routes its next stream here. */
+    if ((rpcplugin_module_services_of(mod) & RPCPLUGIN_SVC_BROKER) == 0)
+      return RPCPLUGIN_EUNSUPPORTED;
+    return rp_mux_route(mx, service_id, network, address);
+  }
   for (;;) {
     rp_gen *g = gen_enter(mod);
     int rc = RPCPLUGIN_MODULE_HAS(g->api, broker_advertise)

@@ -19,6 +19,7 @@
  * is made while it is held, and handlers run without it.
  */
 #include "internal.h"
+#include "mux.h"
 #include "callengine.h"
 #include "monotime.h"
 #include "rp_tsan.h"
@@ -35,6 +36,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
@@ -174,6 +176,7 @@ struct rpcplugin_runtime {
   void **desc;              /* descriptor sets for reflection */
   size_t *desc_len;
   size_t ndesc;
+  rp_mux *_Atomic mux;      /* multiplexing (set once), or NULL */
 };
 
 /* The runtime whose poller runs on this thread (NULL elsewhere). */
@@ -670,6 +673,115 @@ static int host_add_descriptors(void *host_ctx, const void *set, size_t len,
   return rc;
 }
 
+/* The loaded module that serves plugin.GRPCBroker, or NULL.  The module
+ * list changes only on control threads; the handle follows swaps. */
+static rpcplugin_module *rt_broker_module(rpcplugin_runtime *rt) {
+  rpcplugin_module *bm = NULL;
+  rt_mod_node *n;
+  pthread_mutex_lock(&rt->mu);
+  for (n = rt->modules; n && bm == NULL; n = n->next)
+    if (rpcplugin_module_services_of(n->mod) & RPCPLUGIN_SVC_BROKER)
+      bm = n->mod;
+  pthread_mutex_unlock(&rt->mu);
+  return bm;
+}
+
+/* The multiplexer's knock before a plugin dial (its dial thread). */
+static int rt_mux_knock(void *ud, uint32_t id, char *err, size_t errlen) {
+  rpcplugin_runtime *rt = ud;
+  rpcplugin_module *bm = rt_broker_module(rt);
+  if (bm == NULL) {
+    snprintf(err, errlen, "no loaded module serves plugin.GRPCBroker");
+    return RPCPLUGIN_EUNSUPPORTED;
+  }
+  return rpcplugin_module_broker_knock(bm, id, "", "", 5000, err, errlen);
+}
+
+/* ABI 1.3: the client knocked for id on the broker stream. */
+static int host_broker_mux_knock(void *host_ctx, uint32_t id, char *err,
+                                 size_t errlen) {
+  rp_binding *b = host_ctx;
+  rp_mux *m = atomic_load(&b->rt->mux);
+  char tmp[8];
+  if (m == NULL) return RPCPLUGIN_EUNSUPPORTED;
+  if (err == NULL || errlen == 0) {
+    err = tmp;
+    errlen = sizeof tmp;
+  }
+  err[0] = '\0';
+  return rp_mux_accept_knock(m, id, err, errlen);
+}
+
+static void mux_log(void *ud, int level, const char *msg) {
+  rpcplugin_runtime *rt = ud;
+  rp_runtime_log(rt, level, "%s", msg);
+}
+
+int rpcplugin_runtime_multiplex(rpcplugin_runtime *rt,
+                                const rpcplugin_mux_options *o,
+                                rpcplugin_error *err) {
+  rpcplugin_mux_options mo;
+  rp_mux *m = NULL, *none = NULL;
+  int rc;
+  if (rt == NULL || o == NULL || o->struct_size < offsetof(rpcplugin_mux_options, ud) + sizeof(void *)) {
+    if (o && o->fd >= 0) close(o->fd);
+    return rp_error(err, RPCPLUGIN_EINVAL, "multiplex: bad arguments");
+  }
+  if (!rp_runtime_started(rt) || atomic_load(&rt->mux) != NULL) {
+    close(o->fd);
+    return rp_error(err, RPCPLUGIN_ESTATE,
+                    "multiplex: the runtime must be started, and multiplex "
+                    "only once");
+  }
+  mo = *o;
+  rc = rp_mux_start(&mo, rt_mux_knock, mux_log, rt, &m, err);
+  if (rc != 0) {
+    close(o->fd);
+    return rc;
+  }
+  if (!atomic_compare_exchange_strong(&rt->mux, &none, m)) {
+    rp_mux_free(m);
+    return rp_error(err, RPCPLUGIN_ESTATE, "multiplex: already multiplexing");
+  }
+  rp_runtime_log(rt, RPCPLUGIN_LOG_DEBUG,
+                 "rpcplugin: multiplexing (yamux) on the client's connection");
+  return 0;
+}
+
+int rpcplugin_runtime_multiplexed(rpcplugin_runtime *rt) {
+  return rt && atomic_load(&rt->mux) != NULL;
+}
+
+int rpcplugin_runtime_mux_route(rpcplugin_runtime *rt, uint32_t id,
+                                const char *network, const char *address) {
+  rp_mux *m = rt ? atomic_load(&rt->mux) : NULL;
+  if (m == NULL) return RPCPLUGIN_ESTATE;
+  return rp_mux_route(m, id, network, address);
+}
+
+void rpcplugin_runtime_mux_go_away(rpcplugin_runtime *rt) {
+  rp_mux *m = rt ? atomic_load(&rt->mux) : NULL;
+  if (m) rp_mux_go_away(m);
+}
+
+void rpcplugin_runtime_mux_stop(rpcplugin_runtime *rt, int flush_ms) {
+  rp_mux *m = rt ? atomic_load(&rt->mux) : NULL;
+  if (m) rp_mux_stop(m, flush_ms);
+}
+
+int rpcplugin_runtime_mux_stats(rpcplugin_runtime *rt,
+                                rpcplugin_mux_stats *out) {
+  rp_mux *m = rt ? atomic_load(&rt->mux) : NULL;
+  if (out == NULL) return RPCPLUGIN_EINVAL;
+  if (m == NULL) return RPCPLUGIN_ESTATE;
+  rp_mux_get_stats(m, out);
+  return 0;
+}
+
+rp_mux *rp_runtime_mux(rpcplugin_runtime *rt) {
+  return atomic_load(&rt->mux);
+}
+
 /* go-plugin's Dial for an application module: the client's advertisement
  * of id, from whichever loaded module serves the broker. */
 static int host_broker_dial(void *host_ctx, uint32_t id, int timeout_ms,
@@ -682,6 +794,36 @@ static int host_broker_dial(void *host_ctx, uint32_t id, int timeout_ms,
   if (out == NULL) return RPCPLUGIN_EINVAL;
   *out = NULL;
   if (tls_poller != NULL) return RPCPLUGIN_EWRONGTHREAD;
+  if (atomic_load(&rt->mux) != NULL) {
+    /* Multiplexing: go-plugin's muxDial.  No advertisement comes (the
+     * client's Accept only makes a listener); each connection the channel
+     * makes becomes knock, ack, a new stream (mux.c). */
+    rpcplugin_error e;
+    char target[300];
+    if (rt_broker_module(rt) == NULL) {
+      if (errbuf && errlen)
+        snprintf(errbuf, errlen, "broker dial of id %u: no loaded module "
+                 "serves plugin.GRPCBroker", (unsigned)id);
+      return RPCPLUGIN_EUNSUPPORTED;
+    }
+    rc = rp_mux_dial_target(atomic_load(&rt->mux), id, target, sizeof target,
+                            &e);
+    if (rc != 0) {
+      if (errbuf && errlen)
+        snprintf(errbuf, errlen, "broker dial of id %u: %s", (unsigned)id,
+                 e.message);
+      return rc;
+    }
+    *out = rp_client_channel("unix", target + 5, rt->tls_cert, rt->tls_key,
+                             rt->tls_peer);
+    if (*out == NULL) {
+      if (errbuf && errlen)
+        snprintf(errbuf, errlen, "broker dial of id %u: cannot create a "
+                 "channel to %s", (unsigned)id, target);
+      return RPCPLUGIN_EGRPC;
+    }
+    return 0;
+  }
   {
     rpcplugin_module *bm = NULL;
     /* The module list changes only on control threads; find the broker's
@@ -896,6 +1038,7 @@ void rp_runtime_fill_host_api(rp_binding *b, rpcplugin_host_api *api) {
   api->relay_new = host_relay_new;
   api->relay_retarget = host_relay_retarget;
   api->relay_free = host_relay_free;
+  api->broker_mux_knock = host_broker_mux_knock;
 #ifdef RPCPLUGIN_TEST_HOST_ABI_1_1
   /* Built only for the ABI matrix tests: a host of ABI 1.1, whose struct
    * ends before the relays. */
@@ -904,6 +1047,7 @@ void rp_runtime_fill_host_api(rp_binding *b, rpcplugin_host_api *api) {
   api->relay_new = NULL;
   api->relay_retarget = NULL;
   api->relay_free = NULL;
+  api->broker_mux_knock = NULL;
 #endif
 }
 
@@ -1229,6 +1373,9 @@ int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
   rt->state = RT_DRAINING;
   pthread_mutex_unlock(&rt->mu);
   clock_gettime(CLOCK_MONOTONIC, &rt->t_stop);
+  /* Multiplexing: yamux GO_AWAY, the client opens no new stream (the
+   * streams open go on). */
+  if (atomic_load(&rt->mux)) rp_mux_go_away(atomic_load(&rt->mux));
 
   /* 1. From here on (state RT_DRAINING) calls that arrive are answered
    * UNAVAILABLE "plugin is shutting down" by the modules and the runtime.
@@ -1327,6 +1474,9 @@ int rpcplugin_runtime_drain(rpcplugin_runtime *rt) {
    * listeners that was not shut down. */
   RP_TSAN_RELEASE(&rt->shutdown_tag);
   grpc_server_shutdown_and_notify(rt->server, rt->cq, &rt->shutdown_tag);
+  /* Multiplexing: forward what the bridges still hold, then close the
+   * client's connection (the local connections end with it). */
+  if (atomic_load(&rt->mux)) rp_mux_stop(atomic_load(&rt->mux), 200);
 
   pthread_mutex_lock(&rt->mu);
   rt->state = RT_DRAINED;
@@ -1435,6 +1585,7 @@ void rpcplugin_runtime_destroy(rpcplugin_runtime *rt) {
   for (i = 0; i < rt->ndesc; i++) free(rt->desc[i]);
   free(rt->desc);
   free(rt->desc_len);
+  rp_mux_free(atomic_load(&rt->mux));
   free(rt->tls_cert);
   free(rt->tls_key);
   free(rt->tls_peer);

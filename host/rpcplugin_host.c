@@ -51,6 +51,7 @@
  * once the pipes are closed at shutdown.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -105,6 +106,7 @@
 #define DEFAULT_IDLE_MS 60000
 /* Memory back after a flood: see give_memory_back. */
 #define TRIM_CHECK_MS 5000
+#define MAX_ACCEPTS 64 /* --broker-accept */
 #define TRIM_FREED_BYTES ((size_t)2 << 20)
 
 #ifndef RPCPLUGIN_VERSION
@@ -133,6 +135,9 @@ static struct {
   long max_connections; /* --max-connections; 0: no bound */
   int max_connections_set;
   long idle_ms;         /* --max-connection-idle; 0: never */
+  long mux_keepalive_ms; /* --mux-keepalive; 0: 30 s, -1: none */
+  rpcplugin_conn_info accepts[MAX_ACCEPTS]; /* --broker-accept */
+  size_t naccepts;
   int no_reflection; /* --no-reflection */
   int log_level;
   gid_t sock_gid; /* PLUGIN_UNIX_SOCKET_GROUP */
@@ -159,6 +164,13 @@ static struct {
   int child_status;
   char sock_dir[PATH_MAX];
   char sock_path[PATH_MAX];
+  /* go-plugin's gRPC broker multiplexing (PLUGIN_MULTIPLEX_GRPC) */
+  int mux;                /* served: one connection, yamux */
+  const char *mux_field;  /* the handshake's 7th field, or NULL */
+  char mux_dir[PATH_MAX]; /* private: the server's socket, dial sockets */
+  char mux_main[PATH_MAX];
+  rpcplugin_runtime *rt;
+  _Atomic int mux_ended;  /* the client's connection is gone */
   char exe_lib[2][PATH_MAX];
 } H;
 
@@ -270,6 +282,14 @@ static void usage(FILE *f) {
 "                            GOAWAY; not applied with AutoMTLS (see the manual)\n"
 "  --max-connection-idle MS  close a connection that has had no call for MS\n"
 "                            (default %ld; 0: never)\n"
+"  --broker-accept ID:NETWORK:ADDRESS\n"
+"                            with multiplexing, a service reachable through\n"
+"                            the broker under ID (go-plugin's Accept): a\n"
+"                            client's knock for ID sends its next stream to\n"
+"                            NETWORK (unix or tcp) ADDRESS; repeatable\n"
+"  --mux-keepalive MS        with multiplexing, the yamux ping interval\n"
+"                            (default 30000, yamux's; 0: no pings); a ping\n"
+"                            unanswered by the next one ends the connection\n"
 "  --full-teardown           before exiting, also unload the module, destroy\n"
 "                            the server and shut gRPC down (for leak checkers;\n"
 "                            by default the host exits once everything was\n"
@@ -290,8 +310,9 @@ static void usage(FILE *f) {
 "PLUGIN_MAX_PORT, PLUGIN_UNIX_SOCKET_DIR, PLUGIN_UNIX_SOCKET_GROUP (group name\n"
 "or gid owning the socket and its folder: the socket is read/write and the\n"
 "folder searchable for that group only), PLUGIN_CLIENT_CERT (AutoMTLS),\n"
-"PLUGIN_MULTIPLEX_GRPC (not supported: the handshake line keeps its 5 or 6\n"
-"fields and a note goes to stderr); RPCPLUGIN_MODULE_PATH (module search\n"
+"PLUGIN_MULTIPLEX_GRPC (true: go-plugin's gRPC broker multiplexing, one\n"
+"connection with yamux streams, and the handshake line gets a 7th field\n"
+"\"true\"; false: \"false\"); RPCPLUGIN_MODULE_PATH (module search\n"
 "path), RPCPLUGIN_MANIFEST_PATH (where an application manifest's\n"
 "infrastructure manifest is looked for), TMPDIR.\n",
           DEFAULT_KILL_GRACE_MS, DEFAULT_MAX_RECV_BYTES,
@@ -348,7 +369,9 @@ static int parse_args(int argc, char **argv) {
     O_MAXSTREAMS,
     O_MAXMETA,
     O_MAXCONN,
-    O_IDLE
+    O_IDLE,
+    O_MUXPING,
+    O_ACCEPT
   };
   static const struct option longopts[] = {
       {"magic-cookie", required_argument, NULL, O_COOKIE},
@@ -369,6 +392,8 @@ static int parse_args(int argc, char **argv) {
       {"max-metadata-bytes", required_argument, NULL, O_MAXMETA},
       {"max-connections", required_argument, NULL, O_MAXCONN},
       {"max-connection-idle", required_argument, NULL, O_IDLE},
+      {"mux-keepalive", required_argument, NULL, O_MUXPING},
+      {"broker-accept", required_argument, NULL, O_ACCEPT},
       {"verbose", no_argument, NULL, 'v'},
       {"help", no_argument, NULL, 'h'},
       {"version", no_argument, NULL, 'V'},
@@ -524,6 +549,36 @@ static int parse_args(int argc, char **argv) {
         }
         H.idle_ms = v;
         break;
+      case O_MUXPING:
+        if (parse_long(optarg, 0, 3600000, &v)) {
+          early("--mux-keepalive: expected milliseconds 0..3600000 (0: no "
+                "pings), got \"%s\"", optarg);
+          return 2;
+        }
+        H.mux_keepalive_ms = v == 0 ? -1 : v;
+        break;
+      case O_ACCEPT: {
+        /* ID:NETWORK:ADDRESS */
+        char *e1, *e2;
+        long id = strtol(optarg, &e1, 10);
+        if (H.naccepts >= MAX_ACCEPTS || e1 == optarg || *e1 != ':' ||
+            id < 1 || id > 0xffffffffL || (e2 = strchr(e1 + 1, ':')) == NULL ||
+            !((e2 - e1 - 1 == 4 && strncmp(e1 + 1, "unix", 4) == 0) ||
+              (e2 - e1 - 1 == 3 && strncmp(e1 + 1, "tcp", 3) == 0)) ||
+            e2[1] == '\0' || strlen(e2 + 1) > 255) {
+          early("--broker-accept: expected ID:unix:PATH or ID:tcp:HOST:PORT "
+                "(at most %d), got \"%s\"", MAX_ACCEPTS, optarg);
+          return 2;
+        }
+        H.accepts[H.naccepts].service_id = (uint32_t)id;
+        snprintf(H.accepts[H.naccepts].network,
+                 sizeof H.accepts[H.naccepts].network, "%.*s",
+                 (int)(e2 - e1 - 1), e1 + 1);
+        snprintf(H.accepts[H.naccepts].address,
+                 sizeof H.accepts[H.naccepts].address, "%s", e2 + 1);
+        H.naccepts++;
+        break;
+      }
       case 'v':
         if (H.log_level < RPCPLUGIN_LOG_DEBUG) H.log_level++;
         break;
@@ -855,6 +910,56 @@ static void remove_socket(void) {
   if (H.sock_path[0]) unlink(H.sock_path);
   if (H.sock_dir[0]) rmdir(H.sock_dir);
   H.sock_path[0] = H.sock_dir[0] = '\0';
+  if (H.mux_dir[0]) {
+    /* Only sockets of ours are in it: the server's and the dial ones. */
+    DIR *d = opendir(H.mux_dir);
+    struct dirent *e;
+    char p[PATH_MAX + 300];
+    while (d && (e = readdir(d)) != NULL) {
+      if (e->d_name[0] == '.') continue;
+      snprintf(p, sizeof p, "%s/%s", H.mux_dir, e->d_name);
+      unlink(p);
+    }
+    if (d) closedir(d);
+    rmdir(H.mux_dir);
+    H.mux_dir[0] = '\0';
+  }
+}
+
+/* Multiplexing: the server also listens on a unix socket in a fresh 0700
+ * folder, with the credentials its public listener would have had (TLS
+ * under AutoMTLS); each yamux stream the client opens becomes a connection
+ * to it.  (See host-api/mux.h for why.) */
+static int mux_listen(grpc_server *server, grpc_server_credentials *creds) {
+  const char *base = getenv("TMPDIR");
+  char target[PATH_MAX + 8];
+  grpc_server_credentials *insecure = NULL;
+  int ok;
+  if (base == NULL || *base == '\0') base = "/tmp";
+  if ((size_t)snprintf(H.mux_dir, sizeof H.mux_dir, "%s/rpcplugin-mux-XXXXXX",
+                       base) >= sizeof H.mux_dir ||
+      strlen(H.mux_dir) + 24 >= sizeof(((struct sockaddr_un *)0)->sun_path)) {
+    early("multiplexing: folder name too long in %s; set TMPDIR to a "
+          "shorter folder", base);
+    H.mux_dir[0] = '\0';
+    return -1;
+  }
+  if (mkdtemp(H.mux_dir) == NULL) {
+    early("multiplexing: cannot create a folder in %s: %s", base,
+          strerror(errno));
+    H.mux_dir[0] = '\0';
+    return -1;
+  }
+  snprintf(H.mux_main, sizeof H.mux_main, "%s/main.sock", H.mux_dir);
+  snprintf(target, sizeof target, "unix:%s", H.mux_main);
+  if (creds == NULL) creds = insecure = grpc_insecure_server_credentials_create();
+  ok = creds && grpc_server_add_http2_port(server, target, creds) > 0;
+  if (insecure) grpc_server_credentials_release(insecure);
+  if (!ok) {
+    early("multiplexing: cannot listen on %s", H.mux_main);
+    return -1;
+  }
+  return 0;
 }
 
 /* ------------------------------------------------------------- stdio */
@@ -1147,6 +1252,58 @@ static void admit(int fd) {
   grpc_server_add_channel_from_fd(L.server, fd, L.creds);
 }
 
+/* Multiplexing: the session ended (the multiplexer's thread). */
+static void on_mux_end(void *ud, const char *why) {
+  uint64_t one = 1;
+  (void)ud;
+  atomic_store(&H.mux_ended, 1);
+  if (H.log_level >= RPCPLUGIN_LOG_INFO)
+    say("multiplexing: the connection ended: %s", why);
+  (void)!write(H.wake_fd, &one, sizeof one);
+}
+
+static void on_mux_log(void *ud, int level, const char *msg) {
+  (void)ud;
+  if (level <= H.log_level) say("%s", msg);
+}
+
+/* Multiplexing: the first connection is the client's, for good (go-plugin's
+ * GRPCServerMuxer accepts once); the runtime runs yamux on it. */
+static void mux_take(int fd) {
+  rpcplugin_mux_options o;
+  rpcplugin_error err;
+  memset(&o, 0, sizeof o);
+  o.struct_size = sizeof o;
+  o.fd = fd;
+  o.main_path = H.mux_main;
+  o.dial_dir = H.mux_dir;
+  o.keepalive_ms = (int)H.mux_keepalive_ms;
+  o.on_end = on_mux_end;
+  o.log = on_mux_log;
+  if (L.tcp) {
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  }
+  atomic_fetch_add(&L.accepted, 1);
+  if (rpcplugin_runtime_multiplex(H.rt, &o, &err) != 0) {
+    /* fd is closed; nobody can reach the plugin any more. */
+    say("multiplexing: %s", err.message);
+    on_mux_end(NULL, "could not start");
+    return;
+  }
+  {
+    size_t i;
+    for (i = 0; i < H.naccepts; i++)
+      if (rpcplugin_runtime_mux_route(H.rt, H.accepts[i].service_id,
+                                      H.accepts[i].network,
+                                      H.accepts[i].address) != 0)
+        say("multiplexing: --broker-accept %u: cannot add the route",
+            (unsigned)H.accepts[i].service_id);
+  }
+  if (H.log_level >= RPCPLUGIN_LOG_DEBUG)
+    say("multiplexing: serving the client's connection (yamux)");
+}
+
 static void *acceptor_main(void *arg) {
   int backoff = 0;
   int64_t last_error_ms = 0;
@@ -1188,7 +1345,15 @@ static void *acceptor_main(void *arg) {
       backoff = 1;
       continue;
     }
+    if (H.mux) {
+      mux_take(fd);
+      break; /* one connection only: later ones are refused */
+    }
     admit(fd);
+  }
+  if (H.mux) {
+    close(L.fd);
+    L.fd = -1;
   }
   report_refusals(1);
   return NULL;
@@ -1279,6 +1444,22 @@ static void log_stats(void) {
       (unsigned long long)st.stdio_dropped_bytes,
       (unsigned long long)st.broker_streams,
       (unsigned long long)st.broker_messages_in);
+  if (H.mux) {
+    rpcplugin_mux_stats ms;
+    memset(&ms, 0, sizeof ms);
+    ms.struct_size = sizeof ms;
+    if (rpcplugin_runtime_mux_stats(H.rt, &ms) == 0)
+      say("multiplexing: connections=%u streams_accepted=%llu "
+          "streams_brokered=%llu streams_refused=%llu streams_opened=%llu "
+          "dials=%llu dial_failures=%llu bytes_in=%llu bytes_out=%llu",
+          ms.connections, (unsigned long long)ms.streams_accepted,
+          (unsigned long long)ms.streams_brokered,
+          (unsigned long long)ms.streams_refused,
+          (unsigned long long)ms.streams_opened,
+          (unsigned long long)ms.dials,
+          (unsigned long long)ms.dial_failures,
+          (unsigned long long)ms.bytes_in, (unsigned long long)ms.bytes_out);
+  }
   if (L.stop_fd >= 0)
     say("connections: accepted=%lu refused=%lu accept_errors=%lu",
         atomic_load(&L.accepted), atomic_load(&L.refused),
@@ -1542,10 +1723,25 @@ int main(int argc, char **argv) {
      * one does not: the line keeps its fields, and the client decides (one
      * that requires multiplexing reports ErrGRPCBrokerMuxNotSupported). */
     const char *mux = getenv("PLUGIN_MULTIPLEX_GRPC");
-    if (mux && *mux)
-      early(
-          "PLUGIN_MULTIPLEX_GRPC is set, but this plugin does not support "
-          "gRPC broker multiplexing: serving without it");
+    if (mux && *mux) {
+      /* Go's strconv.ParseBool, as go-plugin's server reads it. */
+      static const char *const yes[] = {"1", "t", "T", "TRUE", "true", "True"};
+      static const char *const no[] = {"0", "f", "F", "FALSE", "false",
+                                       "False"};
+      size_t i;
+      int v = -1;
+      for (i = 0; i < 6; i++) {
+        if (strcmp(mux, yes[i]) == 0) v = 1;
+        if (strcmp(mux, no[i]) == 0) v = 0;
+      }
+      H.mux = v == 1;
+      /* go-plugin's server prints "|true" whenever the variable is set;
+       * this one says what it serves. */
+      H.mux_field = H.mux ? "|true" : "|false";
+      if (v < 0)
+        early("PLUGIN_MULTIPLEX_GRPC=%s is not a boolean: serving without "
+              "multiplexing", mux);
+    }
   }
 
   /* Signals: blocked in every thread (gRPC's included, so set before
@@ -1628,12 +1824,18 @@ int main(int argc, char **argv) {
       early("cannot create the server credentials");
       goto fail;
     }
-    if (H.max_connections_set && H.max_connections > 0)
+    if (H.max_connections_set && H.max_connections > 0 && !H.mux)
       early(
           "note: --max-connections is not applied with AutoMTLS "
           "(PLUGIN_CLIENT_CERT): gRPC accepts TLS connections itself");
   }
-  rc = listen_on(server, creds, addr, sizeof addr);
+  if (H.mux) {
+    /* One connection, ours to accept; the server listens privately. */
+    rc = mux_listen(server, creds);
+    if (rc == 0) rc = listen_on(server, NULL, addr, sizeof addr);
+  } else {
+    rc = listen_on(server, creds, addr, sizeof addr);
+  }
   trace_startup("listening", t0);
   if (creds) grpc_server_credentials_release(creds);
   if (rc) goto fail;
@@ -1671,6 +1873,7 @@ int main(int argc, char **argv) {
     goto fail;
   }
   H.swap_mod = app ? app_mod : H.mod;
+  H.rt = rt;
   snprintf(H.infra_path, sizeof H.infra_path, "%s",
            rpcplugin_manifest_path(manifest));
   if (H.swap_to) {
@@ -1703,10 +1906,14 @@ int main(int argc, char **argv) {
    * acceptor start below; go-plugin's own plugins also print the line
    * before they serve.  What can still fail after it is only the creation
    * of threads. */
-  len = (size_t)snprintf(line, sizeof line, "1|%d|%s|%s|grpc%s%s\n",
+  /* go-plugin >= 1.6 reads a 7th field only from a plugin started with
+   * PLUGIN_MULTIPLEX_GRPC (older clients split the line into 6 fields);
+   * the 6th is then present, empty without AutoMTLS. */
+  len = (size_t)snprintf(line, sizeof line, "1|%d|%s|%s|grpc%s%s%s\n",
                          app_version, H.network == NET_UNIX ? "unix" : "tcp",
-                         addr, cert.cert_b64 ? "|" : "",
-                         cert.cert_b64 ? cert.cert_b64 : "");
+                         addr, cert.cert_b64 || H.mux_field ? "|" : "",
+                         cert.cert_b64 ? cert.cert_b64 : "",
+                         H.mux_field ? H.mux_field : "");
   if (write_all(1, line, len) != 0) {
     early("cannot write the handshake line to stdout: %s", strerror(errno));
     goto fail;
@@ -1761,7 +1968,9 @@ int main(int argc, char **argv) {
     reason = serve_until_flushed(exit_ms, flush_ms);
   }
   if (H.log_level >= RPCPLUGIN_LOG_INFO)
-    say("shutting down (%s)", reason == R_SHUTDOWN ? "Shutdown requested"
+    say("shutting down (%s)", reason == R_SHUTDOWN && atomic_load(&H.mux_ended)
+                                  ? "the multiplexed connection ended"
+                              : reason == R_SHUTDOWN ? "Shutdown requested"
                               : reason == R_CHILD  ? "child exited"
                                                    : "signal");
 

@@ -746,6 +746,29 @@ static void handle(rp_broker *b, bstream *st, const Plugin__ConnInfo *m,
     queue_ready(b, st, error_reply(b, 0, "service_id 0 is not valid"), 0);
     return;
   }
+  if (k && k->knock && RPCPLUGIN_HOST_HAS(&b->inst->host, broker_mux_knock)) {
+    /* Multiplexing (host ABI 1.3): the client's Dial of a service the host
+     * brokered.  go-plugin's listenForKnocks: the ack always says
+     * ack:true, with the reason as its error when the knock cannot be
+     * served. */
+    char why[256];
+    int rc;
+    why[0] = '\0';
+    rc = b->inst->host.broker_mux_knock(b->inst->host.host_ctx,
+                                        m->service_id, why, sizeof why);
+    if (rc != RPCPLUGIN_EUNSUPPORTED) {
+      if (rc != 0) {
+        b->errors++;
+        if (why[0] == '\0')
+          snprintf(why, sizeof why, "knock refused (error %d)", rc);
+      }
+      queue_ready(b, st,
+                  conninfo(m->service_id, NULL, NULL, 1, 1, 1,
+                           rc ? why : NULL),
+                  m->service_id);
+      return;
+    }
+  }
   if (k && k->knock) {
     open_sub(b, st, m, a);
   } else if (k) {

@@ -40,7 +40,7 @@ COOKIE_VALUE = "d5a0b1c2-host-test"
 COOKIE_OPT = "--magic-cookie=%s=%s" % (COOKIE_KEY, COOKIE_VALUE)
 HANDSHAKE_RE = re.compile(
     r"^1\|(?P<app>\d+)\|(?P<net>unix|tcp)\|(?P<addr>[^|]+)\|grpc"
-    r"(?:\|(?P<cert>[A-Za-z0-9+/]+))?$")
+    r"(?:\|(?P<cert>[A-Za-z0-9+/]*))?(?:\|(?P<mux>true|false))?$")
 
 HOST_MANIFEST = manifest_path("host.json")
 DEFAULT_MANIFEST = manifest_path("default.json")
@@ -74,7 +74,8 @@ class Handshake:
         self.app_version = int(m.group("app"))
         self.network = m.group("net")
         self.address = m.group("addr")
-        self.cert_b64 = m.group("cert")
+        self.cert_b64 = m.group("cert") or None
+        self.mux = m.group("mux")  # None: no 7th field
 
     @property
     def target(self):

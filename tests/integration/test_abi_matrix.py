@@ -1,11 +1,11 @@
 """ABI compatibility matrix (docs/abi.md), with built variants:
 
-- test_host links librpcplugin of this ABI (1.2); test_host_abi11 links the
+- test_host links librpcplugin of this ABI (1.3); test_host_abi11 links the
   same sources built as an ABI 1.1 host (its host API ends before the 1.2
   relays, struct_size smaller).
 - rpcplugin_services.so is this ABI's module; rpcplugin_services_older.so
   is the same module as ABI 1.1 shipped it (its vtable ends before the 1.2
-  handover entries); rpcplugin_services_newer.so a hypothetical 1.3 (a
+  handover entries); rpcplugin_services_newer.so a hypothetical 1.4 (a
   longer vtable with entries no host knows yet).
 - fake_major2.so declares ABI 2.0: refused, both versions named.
 
@@ -32,11 +32,11 @@ DEFAULT = manifest_path("default.json")
 # (host program, module, what `abi` reports)
 MATRIX = [
     ("test_host", OLDER, "1.1 struct_size=%d handover=no"),
-    ("test_host", CURRENT, "1.2 struct_size=%d handover=yes"),
-    ("test_host", NEWER, "1.3 struct_size=%d handover=yes"),
+    ("test_host", CURRENT, "1.3 struct_size=%d handover=yes"),
+    ("test_host", NEWER, "1.4 struct_size=%d handover=yes"),
     ("test_host_abi11", OLDER, "1.1 struct_size=%d handover=no"),
-    ("test_host_abi11", CURRENT, "1.2 struct_size=%d handover=yes"),
-    ("test_host_abi11", NEWER, "1.3 struct_size=%d handover=yes"),
+    ("test_host_abi11", CURRENT, "1.3 struct_size=%d handover=yes"),
+    ("test_host_abi11", NEWER, "1.4 struct_size=%d handover=yes"),
 ]
 
 
@@ -103,7 +103,7 @@ def test_swap_newer_host_older_module(make_host, tmp_path):
     assert next(a).data == b"one\n"
     assert host.cmd("swap " + current) == "OK swap handover=no"
     assert list(a) == [] and a.code() == grpc.StatusCode.OK
-    assert abi_of(host).startswith("1.2 ")
+    assert abi_of(host).startswith("1.3 ")
     assert healthy(ch)
     b = open_stdio(ch)
     assert host.cmd("put 1 " + b"two\n".hex()) == "OK put"
@@ -136,7 +136,7 @@ def test_swap_older_host_current_modules(make_host, tmp_path):
         list(a)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "plugin swapped" in e.value.details()
-    assert abi_of(host).startswith("1.2 ")
+    assert abi_of(host).startswith("1.3 ")
     # Queued while no stream is open, then swapped: it comes over.
     for i in range(5):
         assert host.cmd("put 1 " + (b"q%d\n" % i).hex()) == "OK put"
@@ -159,7 +159,7 @@ def test_swap_to_other_major_refused(make_host, tmp_path, program):
     bad = manifest_for(tmp_path, os.path.join(FIXTURES, "fake_major2.so"),
                        "bad")
     r = host.cmd("swap " + bad)
-    host_abi = "1.1" if program == "test_host_abi11" else "1.2"
+    host_abi = "1.1" if program == "test_host_abi11" else "1.3"
     assert r.startswith("ERR RPCPLUGIN_EABI "), r
     assert "fake_major2.so" in r
     assert "ABI major mismatch (host ABI %s, module ABI 2.0)" % host_abi in r

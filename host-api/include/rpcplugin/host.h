@@ -279,6 +279,82 @@ int rpcplugin_module_broker_knock(rpcplugin_module *mod, uint32_t service_id,
                                   const char *network, const char *address,
                                   int timeout_ms, char *err, size_t errlen);
 
+/* ---------------------------------------------------------- multiplexing */
+
+/*
+ * go-plugin's gRPC broker multiplexing (client option GRPCBrokerMultiplex,
+ * env PLUGIN_MULTIPLEX_GRPC=true; go-plugin >= 1.6), the plugin's side
+ * (docs/multiplexing.md).  The host accepts the client's one connection and
+ * hands it over; the runtime runs a yamux server session on it:
+ *  - the first stream the client opens, and every later one without a
+ *    knock, is bridged to main_path, a unix socket on which the host's
+ *    grpc_server listens with the credentials its public listener would
+ *    have (TLS under AutoMTLS: each stream carries its own TLS);
+ *  - a stream after the client's knock for id (plugin.GRPCBroker, which
+ *    the broker module answers through the host API's broker_mux_knock)
+ *    is bridged to id's route (rpcplugin_runtime_mux_route, or a
+ *    broker_advertise through rpcplugin_module_broker_advertise);
+ *  - broker_dial (an application module's go-plugin Dial) returns a
+ *    channel to a unix socket in dial_dir; each connection it makes
+ *    becomes knock, ack, a new stream to the client.
+ * (All added in 0.4.)
+ */
+typedef struct rpcplugin_mux_options {
+  uint32_t struct_size;  /* sizeof(rpcplugin_mux_options) */
+  int fd;                /* the accepted connection; the runtime owns it
+                            from the call on, even when it fails */
+  const char *main_path; /* the server's private unix socket (a path) */
+  const char *dial_dir;  /* a private directory (0700) for dial sockets */
+  int keepalive_ms;      /* yamux ping interval; 0: 30000 (yamux's
+                            default); < 0: none.  A ping not answered by
+                            the next one ends the session. */
+  uint32_t max_streams;  /* streams open at once; 0: 1024 */
+  /* The session ended (the client closed the connection, broke the
+   * protocol, stopped answering pings, or rpcplugin_runtime_mux_stop);
+   * why is a sentence.  Called once, on the multiplexer's thread: take
+   * note and return.  May be NULL. */
+  void (*on_end)(void *ud, const char *why);
+  /* Log lines (level RPCPLUGIN_LOG_*), any thread.  May be NULL. */
+  void (*log)(void *ud, int level, const char *msg);
+  void *ud;
+} rpcplugin_mux_options;
+
+typedef struct rpcplugin_mux_stats {
+  uint32_t struct_size; /* the caller's sizeof */
+  uint32_t connections; /* 1 */
+  uint64_t streams_accepted; /* opened by the client and bridged */
+  uint64_t streams_brokered; /* ...of them, after a knock */
+  uint64_t streams_refused;  /* opened by the client, refused (RST) */
+  uint64_t streams_opened;   /* opened by the plugin (dials) */
+  uint64_t streams_open;     /* open now */
+  uint64_t knocks_accepted;  /* client knocks acked */
+  uint64_t dials;            /* plugin dials (connections to dial sockets) */
+  uint64_t dial_failures;    /* ...whose knock failed */
+  uint64_t bytes_in, bytes_out; /* stream payload from / to the client */
+  uint32_t go_away_received, go_away_code;
+  int ended;
+  char end_reason[128];
+} rpcplugin_mux_stats;
+
+/* Start multiplexing on o->fd.  After rpcplugin_runtime_start, once per
+ * runtime.  RPCPLUGIN_ESTATE when already multiplexing. */
+int rpcplugin_runtime_multiplex(rpcplugin_runtime *rt,
+                                const rpcplugin_mux_options *o,
+                                rpcplugin_error *err);
+/* 1 when the runtime multiplexes. */
+int rpcplugin_runtime_multiplexed(rpcplugin_runtime *rt);
+/* Where the client's streams after a knock for id go. */
+int rpcplugin_runtime_mux_route(rpcplugin_runtime *rt, uint32_t id,
+                                const char *network, const char *address);
+/* Send yamux GO_AWAY (no new streams; at the start of a shutdown). */
+void rpcplugin_runtime_mux_go_away(rpcplugin_runtime *rt);
+/* Forward what the local sides still have (up to flush_ms), then close
+ * the connection.  rpcplugin_runtime_destroy does it too. */
+void rpcplugin_runtime_mux_stop(rpcplugin_runtime *rt, int flush_ms);
+/* RPCPLUGIN_ESTATE when not multiplexing. */
+int rpcplugin_runtime_mux_stats(rpcplugin_runtime *rt,
+                                rpcplugin_mux_stats *out);
+
 /* ------------------------------------------------------------------ swap */
 
 /* What a swap did, for logs and benchmarks.  (Added in 0.3.) */

@@ -77,7 +77,7 @@ extern "C" {
 #endif
 
 #define RPCPLUGIN_ABI_MAJOR 1
-#define RPCPLUGIN_ABI_MINOR 2
+#define RPCPLUGIN_ABI_MINOR 3
 
 /* "RPCP" read as a little-endian uint32. */
 #define RPCPLUGIN_MODULE_MAGIC 0x50435052u
@@ -409,6 +409,16 @@ typedef struct rpcplugin_host_api {
   void (*relay_retarget)(void *host_ctx, rpcplugin_relay *relay,
                          rpcplugin_tag *target);
   void (*relay_free)(void *host_ctx, rpcplugin_relay *relay);
+
+  /* ABI 1.3.  go-plugin's gRPC broker multiplexing: the client sent
+   * knock{knock:true} for service_id on plugin.GRPCBroker/StartStream (its
+   * Dial of a service the host brokered).  0: the client's next stream
+   * goes to that service; the broker answers knock{knock:true, ack:true}.
+   * Otherwise the reason is in err, and the broker answers it as the ack's
+   * error.  RPCPLUGIN_EUNSUPPORTED: the host does not multiplex (the
+   * broker handles the knock as without).  Any thread; does not block. */
+  int (*broker_mux_knock)(void *host_ctx, uint32_t service_id, char *err,
+                          size_t errlen);
 } rpcplugin_host_api;
 
 /* --------------------------------------------------------------- stats */
