@@ -168,7 +168,7 @@ static struct {
   int mux;                /* served: one connection, yamux */
   const char *mux_field;  /* the handshake's 7th field, or NULL */
   char mux_dir[PATH_MAX]; /* private: the server's socket, dial sockets */
-  char mux_main[PATH_MAX];
+  char mux_main[PATH_MAX + 16];
   rpcplugin_runtime *rt;
   _Atomic int mux_ended;  /* the client's connection is gone */
   char exe_lib[2][PATH_MAX];
@@ -932,7 +932,7 @@ static void remove_socket(void) {
  * to it.  (See host-api/mux.h for why.) */
 static int mux_listen(grpc_server *server, grpc_server_credentials *creds) {
   const char *base = getenv("TMPDIR");
-  char target[PATH_MAX + 8];
+  char target[PATH_MAX + 32];
   grpc_server_credentials *insecure = NULL;
   int ok;
   if (base == NULL || *base == '\0') base = "/tmp";

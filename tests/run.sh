@@ -186,14 +186,14 @@ if has tsan; then
   stage "stdio queue under ThreadSanitizer"
   build "$ROOT/build-tsan" -DCMAKE_BUILD_TYPE=Debug -DRPCPLUGIN_TSAN=ON
   TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/test_squeue
-  stage "integration under ThreadSanitizer: stdio, broker, services, application calls, live swaps, faults (suppressions: tests/tsan.supp)"
+  stage "integration under ThreadSanitizer: stdio, broker, services, application calls, live swaps, faults, multiplexing (suppressions: tests/tsan.supp)"
   # Every report of every process goes to a file of its own there (and
   # makes that process exit 66): any file is a failure.
   tsanlog=$(mktemp -d)
   TSAN_OPTIONS="suppressions=$ROOT/tests/tsan.supp exitcode=66 log_path=$tsanlog/report" \
   RP_SLOW=5 RP_SWAPS=30 RP_GO_SWAPS=10 pytest_run "$ROOT/build-tsan" \
     -m "not slow" test_stdio.py test_broker.py test_services.py \
-    test_app_calls.py test_swap.py test_faults.py || { cat "$tsanlog"/* 2>/dev/null; exit 1; }
+    test_app_calls.py test_swap.py test_faults.py test_mux.py test_mux_go.py || { cat "$tsanlog"/* 2>/dev/null; exit 1; }
   if [ -n "$(ls -A "$tsanlog")" ]; then cat "$tsanlog"/*; exit 1; fi
   rm -rf "$tsanlog"
 fi
@@ -217,15 +217,15 @@ if has valgrind; then
 fi
 
 if has fuzz; then
-  stage "libFuzzer (clang, ASan+UBSan): broker messages, manifest, config, codec, stdio queue"
+  stage "libFuzzer (clang, ASan+UBSan): broker messages, manifest, config, codec, stdio queue, yamux"
   CC=clang cmake -S "$ROOT" -B "$ROOT/build-fuzz" -DRPCPLUGIN_BENCH=OFF \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo -DRPCPLUGIN_FUZZ=ON >/dev/null
   cmake --build "$ROOT/build-fuzz" -j"$JOBS" --target fuzz_broker \
-    fuzz_manifest fuzz_config fuzz_codec fuzz_squeue >/dev/null
+    fuzz_manifest fuzz_config fuzz_codec fuzz_squeue fuzz_yamux >/dev/null
   corpus=$(mktemp -d)
   mkdir -p "$corpus/manifest"
   cp manifests/*.json examples/*/*.json "$corpus/manifest/"
-  for t in broker manifest config codec squeue; do
+  for t in broker manifest config codec squeue yamux; do
     mkdir -p "$corpus/$t"
     # Every input that once crashed (tests/fuzz/regress/), then the seed
     # corpus (tests/fuzz/corpus/) and what the run finds.
