@@ -62,6 +62,7 @@ typedef struct bridge {
   int peer_fin;     /* the peer sent FIN: SHUT_WR once `in` is written */
   int wr_shut;
   int gone;         /* the stream is over on the session side */
+  int discard;      /* the local side is gone: drop what the peer sends */
   uint8_t *in;      /* from the peer, not yet written locally */
   size_t in_len, in_off, in_cap;
   struct bridge *next;
@@ -219,8 +220,23 @@ static bridge *bridge_new(rp_mux *m, uint32_t sid, int fd, int connecting) {
   return b;
 }
 
-/* The stream is broken on the local side: reset it and forget it. */
+/* The stream is broken on the local side: reset it and forget it.  When
+ * this side already sent FIN (the local side had ended), the peer may have
+ * closed and forgotten the stream meanwhile (yamux logs an RST for a stream
+ * it forgot): what it still sends is dropped until its FIN instead. */
 static void bridge_abort(rp_mux *m, bridge *b) {
+  if (!b->gone && b->local_eof) {
+    if (b->in_len > b->in_off)
+      ymx_consumed(m->ys, b->sid, b->in_len - b->in_off);
+    b->in_len = b->in_off = 0;
+    b->discard = 1;
+    if (b->fd >= 0) {
+      close(b->fd);
+      b->fd = -1;
+    }
+    if (b->peer_fin) b->gone = 1;
+    return;
+  }
   if (!b->gone) ymx_reset(m->ys, b->sid);
   b->gone = 1;
   b->in_len = b->in_off = 0;
@@ -403,7 +419,7 @@ static int on_open(void *ud, uint32_t id) {
 static void on_data(void *ud, uint32_t id, const uint8_t *p, size_t n) {
   rp_mux *m = ud;
   bridge *b = find_bridge(m, id);
-  if (b == NULL) {
+  if (b == NULL || b->discard) {
     ymx_consumed(m->ys, id, n);
     return;
   }
