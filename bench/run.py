@@ -1461,6 +1461,110 @@ class Bench:
                 self.ratios.append(("W7 calls/s c=8 rpcplugin/go",
                                     thr["median"], 1.0, True))
 
+    # ------------------------------------------------------------ W9
+
+    def w9(self):
+        """What go-plugin's gRPC broker multiplexing costs: the same Go
+        client (gpmuxbench, go-plugin v1.8.0's client muxer on Debian's
+        yamux), the same rpcplugin-host, once over a plain connection and
+        once multiplexed (PLUGIN_MULTIPLEX_GRPC=true: one connection, each
+        gRPC connection a yamux stream that the host bridges to its
+        server), interleaved, without and with AutoMTLS.  Workloads: the
+        child's stdout as 64-byte StdioData messages (max_message_bytes
+        64: one message per 64 bytes), and go-plugin's KV example Put of
+        64 bytes from one caller."""
+        host = self.find_host()
+        _, gpc, why = self.go_bins()
+        mb = os.path.join(os.path.dirname(gpc), "gpmuxbench") if gpc else None
+        kvman = os.path.join(self.build, "examples", "kv", "kv.json")
+        if not (host and mb and os.access(mb, os.X_OK) and
+                os.path.exists(kvman)):
+            self.row("W9", "multiplexing", "skipped",
+                     "skipped: needs rpcplugin-host, examples/kv and "
+                     "gpmuxbench (%s)" % why)
+            return
+        lines = 20000 if self.quick else 200000
+        calls = 500 if self.quick else 5000
+        man = write_manifest(
+            os.path.join(self.tmp, "w9.json"), self.module,
+            ["plugin.GRPCBroker", "plugin.GRPCStdio",
+             "plugin.GRPCController", "grpc.health.v1.Health"],
+            {"stdio": {"queue_bytes": 64 << 20, "overflow": "block",
+                       "max_message_bytes": 64,
+                       "flush_deadline_ms": 120000}})
+        work = tempfile.mkdtemp(prefix="w9-", dir=self.tmp)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith("PLUGIN_")}
+        env["TMPDIR"] = work
+        cases = (("stdio", "%s --magic-cookie BASIC_PLUGIN=hello %s -- %s %d 64"
+                  % (host, man, self.x("rpb_lines"), lines),
+                  ["--bytes", str(lines * 64)]),
+                 ("unary", "%s --magic-cookie BASIC_PLUGIN=hello %s"
+                  % (host, kvman), ["--calls", str(calls)]))
+        runs = {}
+        for rep in range(self.reps):
+            for tls in (False, True):
+                for wl, cmd, extra in cases:
+                    for mux in (False, True):
+                        key = (wl, tls, mux)
+                        self.log("W9 rep %d/%d %s%s%s" % (
+                            rep + 1, self.reps, wl,
+                            ", AutoMTLS" if tls else "",
+                            ", multiplexed" if mux else ", plain"))
+                        argv = [mb, wl, "--plugin", cmd] + extra
+                        if mux:
+                            argv.append("--mux")
+                        if tls:
+                            argv.append("--automtls")
+                        p = subprocess.run(argv, cwd=work, env=env,
+                                           capture_output=True, text=True,
+                                           timeout=600)
+                        if p.returncode != 0:
+                            raise BenchError("gpmuxbench %s: %s" % (
+                                " ".join(argv[1:2] + argv[4:]),
+                                p.stderr.strip()[-300:]))
+                        runs.setdefault(key, []).append(json.loads(
+                            p.stdout.strip().splitlines()[-1]))
+        self.results["W9"] = {"runs": {"%s tls=%s mux=%s" % k: v
+                                       for k, v in runs.items()}}
+        for tls in (False, True):
+            t = ", AutoMTLS" if tls else ""
+            for mux in (False, True):
+                m = "multiplexed" if mux else "plain"
+                rs = runs[("stdio", tls, mux)]
+                case = "stdio, %d x 64 B messages, %s%s" % (lines, m, t)
+                v = [r["msgs_per_s"] for r in rs]
+                self.row("W9", case, "msgs/s", med(v), spread(v))
+                rs = runs[("unary", tls, mux)]
+                case = "kv Put 64 B x%d, 1 caller, %s%s" % (calls, m, t)
+                for fig_, key, unit in (("p50", "p50_us", " us"),
+                                        ("p99", "p99_us", " us"),
+                                        ("calls/s", "calls_per_s", "")):
+                    v = [r[key] for r in rs]
+                    self.row("W9", case, fig_, med(v), spread(v), unit=unit)
+            sd = summary([a["msgs_per_s"] / b["msgs_per_s"] for a, b in
+                          zip(runs[("stdio", tls, False)],
+                              runs[("stdio", tls, True)])])
+            self.row("W9", "stdio msgs/s%s: plain / multiplexed" % t,
+                     "ratio", sd["median"], (sd["min"], sd["max"]),
+                     ratio=True, target="<= 1.30")
+            self.ratios.append(("W9 stdio plain/mux%s" % t, sd["median"],
+                                1.3, False))
+            lat = summary([b["p50_us"] / a["p50_us"] for a, b in
+                           zip(runs[("unary", tls, False)],
+                               runs[("unary", tls, True)])])
+            thr = summary([a["calls_per_s"] / b["calls_per_s"] for a, b in
+                           zip(runs[("unary", tls, False)],
+                               runs[("unary", tls, True)])])
+            self.row("W9", "kv Put p50%s: multiplexed / plain" % t, "ratio",
+                     lat["median"], (lat["min"], lat["max"]), ratio=True,
+                     target="<= 1.30")
+            self.row("W9", "kv Put calls/s%s: plain / multiplexed" % t,
+                     "ratio", thr["median"], (thr["min"], thr["max"]),
+                     ratio=True, target="<= 1.30")
+            self.ratios.append(("W9 unary p50 mux/plain%s" % t,
+                                lat["median"], 1.3, False))
+
     # ------------------------------------------------------------ W8
 
     def w8_modules(self):
@@ -1753,7 +1857,7 @@ class Bench:
         for w, fn in (("W1", self.w1), ("W4", self.w4), ("W5", self.w5),
                       ("W6", self.w6), ("W2", self.w2), ("W3", self.w3),
                       ("W3", self.shutdown_rtt), ("W7", self.w7),
-                      ("W8", self.w8)):
+                      ("W8", self.w8), ("W9", self.w9)):
             if not self.wants(w):
                 continue
             try:
