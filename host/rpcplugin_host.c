@@ -1735,13 +1735,20 @@ int main(int argc, char **argv) {
         if (strcmp(mux, no[i]) == 0) v = 0;
       }
       H.mux = v == 1;
-      /* go-plugin's server prints "|true" whenever the variable is set;
-       * this one says what it serves. */
-      H.mux_field = H.mux ? "|true" : "|false";
-      if (v < 0)
-        early("PLUGIN_MULTIPLEX_GRPC=%s is not a boolean: serving without "
-              "multiplexing", mux);
+      /* go-plugin's server prints "|true" whenever the variable is set,
+       * even when it does not multiplex.  This one prints a 7th field only
+       * when it does: a client that asks (go-plugin >= 1.6 sets "true")
+       * gets it, and a stray false value cannot break an older client,
+       * which would read "grpc|false" or "CERT|false" as its 6th field. */
+      H.mux_field = H.mux ? "|true" : NULL;
+      if (!H.mux)
+        early("PLUGIN_MULTIPLEX_GRPC=%s%s: serving without multiplexing "
+              "(no 7th handshake field)", mux,
+              v < 0 ? " is not a boolean" : "");
     }
+    if (!H.mux && H.naccepts > 0)
+      early("note: --broker-accept applies with multiplexing only "
+            "(PLUGIN_MULTIPLEX_GRPC=true)");
   }
 
   /* Signals: blocked in every thread (gRPC's included, so set before

@@ -1,7 +1,9 @@
 #!/bin/sh
 # Build the Go interop programs (gpclient, gpserver; gpkv, gpkvplugin,
 # gpcounter, gpcounterplugin for go-plugin's examples; gpreflect, a server
-# reflection client) into OUTDIR/bin, in
+# reflection client; gpmux, a client with go-plugin >= 1.6's gRPC broker
+# multiplexing, and gpmuxplugin, a fake multiplexing plugin for its
+# self-test) into OUTDIR/bin, in
 # GOPATH mode against Debian's packaged Go libraries (go-plugin v1.0.1 and
 # friends under /usr/share/gocode).  No network, no module proxy.
 # Idempotent: the Go build cache lives in OUTDIR/gocache, so a second run
@@ -70,7 +72,7 @@ export CGO_ENABLED=0
 mkdir -p "$OUT/bin"
 cd "$HERE/src/rpcplugin-interop"
 "$GO" vet ./...
-PROGS="gpclient gpserver gpkv gpkvplugin gpcounter gpcounterplugin gpreflect"
+PROGS="gpclient gpserver gpkv gpkvplugin gpcounter gpcounterplugin gpreflect gpmux gpmuxplugin gpmuxbench"
 for prog in $PROGS; do
   "$GO" build -o "$OUT/bin/$prog.tmp" "./$prog"
   mv -f "$OUT/bin/$prog.tmp" "$OUT/bin/$prog"

@@ -118,10 +118,12 @@ var addHelperServiceDesc = grpc.ServiceDesc{
 	Metadata: "proto/kv.proto",
 }
 
-// counterServer is the plugin's side of proto.Counter.
+// counterServer is the plugin's side of proto.Counter.  dial reaches the
+// host's AddHelper by broker id (go-plugin v1.0.1's GRPCBroker.Dial, or
+// the multiplexed broker of gpmuxplugin).
 type counterServer struct {
-	impl   Counter
-	broker *plugin.GRPCBroker
+	impl Counter
+	dial func(id uint32) (*grpc.ClientConn, error)
 }
 
 var counterServiceDesc = grpc.ServiceDesc{
@@ -146,7 +148,7 @@ var counterServiceDesc = grpc.ServiceDesc{
 			}
 			s := srv.(*counterServer)
 			// go-plugin waits up to 5 s (fixed) for the host's ConnInfo.
-			conn, err := s.broker.Dial(in.AddServer)
+			conn, err := s.dial(in.AddServer)
 			if err != nil {
 				return nil, err
 			}
@@ -176,7 +178,7 @@ func (p *CounterGRPCPlugin) GRPCServer(b *plugin.GRPCBroker, s *grpc.Server) err
 			return err
 		}
 	}
-	s.RegisterService(&counterServiceDesc, &counterServer{impl: p.Impl, broker: b})
+	s.RegisterService(&counterServiceDesc, &counterServer{impl: p.Impl, dial: b.Dial})
 	return nil
 }
 
