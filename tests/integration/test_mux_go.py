@@ -14,13 +14,10 @@ does not serve (its ack carries an error), and a deliberately slow stdio
 reader (windows exhausted) while Health keeps answering.
 
 Environment: RP_GO_BIN (tests/go/build.sh OUTDIR puts gpmux in OUTDIR/bin),
-RP_BUILD.  The tests skip when RP_GO_BIN is unset, and when the host's
-handshake line has no 7th field under PLUGIN_MULTIPLEX_GRPC=true (the host
-does not multiplex yet).
+RP_BUILD.  The tests skip when RP_GO_BIN is unset.
 """
 import os
 import re
-import selectors
 import shlex
 import shutil
 import subprocess
@@ -60,39 +57,6 @@ def clean_env(tmpdir):
     return env
 
 
-@pytest.fixture(scope="module", autouse=True)
-def host_multiplexes():
-    """Skip the module unless the host answers PLUGIN_MULTIPLEX_GRPC=true
-    with a handshake line ending in |true."""
-    if not GO_BIN:
-        return
-    d = tempfile.mkdtemp(prefix="rpm-")
-    env = clean_env(d)
-    env.update({"PLUGIN_MULTIPLEX_GRPC": "true", "BASIC_PLUGIN": "hello",
-                "PLUGIN_PROTOCOL_VERSIONS": "1"})
-    p = subprocess.Popen([HOST_BIN, "--magic-cookie", COOKIE, HOST_MANIFEST],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.DEVNULL, env=env)
-    try:
-        sel = selectors.DefaultSelector()
-        sel.register(p.stdout, selectors.EVENT_READ)
-        line = b""
-        while not line.endswith(b"\n") and sel.select(timeout=30 * SLOW):
-            chunk = os.read(p.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            line += chunk
-    finally:
-        p.kill()
-        p.wait()
-        shutil.rmtree(d, ignore_errors=True)
-    line = line.decode(errors="replace").strip()
-    if not line.endswith("|true"):
-        pytest.skip("rpcplugin-host does not multiplex yet: with "
-                    "PLUGIN_MULTIPLEX_GRPC=true its handshake line is %r "
-                    "(no 7th field `true`)" % line)
-
-
 @pytest.fixture
 def workdir():
     d = tempfile.mkdtemp(prefix="rp-mux-")
@@ -127,9 +91,7 @@ class Run:
         self.rc = r.returncode
         self.out = r.stdout.decode(errors="replace")
         self.err = r.stderr.decode(errors="replace")
-        if NOT_READY in self.err:
-            pytest.skip("the host did not offer multiplexing: " +
-                        self.err.strip().splitlines()[-1])
+        assert NOT_READY not in self.err, self.err
         self.ok = [l.split(" ", 2)[1:] for l in self.out.splitlines()
                    if l.startswith("OK ")]
 
@@ -206,6 +168,42 @@ def test_counter_calls_back_through_knock(workdir, automtls):
     r = Run(workdir, plugin, ["get", "c", "shutdown"],
             automtls=automtls).check()
     assert r.steps("get") == ["c -8"]
+
+
+def test_tcp_network(workdir):
+    """--network tcp: the one connection is a tcp one on 127.0.0.1."""
+    plugin = host_cmd(COUNTER_MANIFEST, options=["--network", "tcp"])
+    r = Run(workdir, plugin, ["health", "put", "t", 2, "get", "t", "stats",
+                              "shutdown"]).check()
+    assert r.kv("handshake")["network"] == "tcp"
+    assert r.steps("get") == ["t 2"], r.out
+    assert r.kv("stats")["dials"] == "1"
+    check_shutdown(r)
+
+
+def test_client_dials_a_service_the_host_brokered(workdir):
+    """go-plugin's Dial of a service the plugin brokered (here
+    --broker-accept 5:unix:PATH, a grpcio Health server): knock, ack, a
+    stream, Health/Check over it; a knock for an id the host does not
+    serve gets go-plugin's "no listener for id N" and the dial fails."""
+    from brokerutil import health_server
+    side = os.path.join(workdir, "side.sock")
+    srv, _ = health_server("unix:" + side)
+    try:
+        plugin = host_cmd(HOST_MANIFEST,
+                          options=["--broker-accept", "5:unix:" + side])
+        r = Run(workdir, plugin, ["dial", 5, "health", "dial", 5,
+                                  "dialfail", 6, "stats",
+                                  "shutdown"]).check()
+        assert [d.split(" ms=")[0] for d in r.steps("dial")] == \
+            ["5 SERVING", "5 SERVING"], r.out
+        assert "no listener for id 6" in r.steps("dialfail")[0], r.out
+        st = r.kv("stats")
+        assert st["dials"] == "1", st
+        assert st["streams_opened"] == "3", st  # main, two dials
+        check_shutdown(r)
+    finally:
+        srv.stop(None)
 
 
 def test_stats_one_dial_for_everything(workdir):
