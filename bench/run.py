@@ -1496,11 +1496,17 @@ class Bench:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("PLUGIN_")}
         env["TMPDIR"] = work
+        gomux = os.path.join(os.path.dirname(mb), "gpmuxplugin")
         cases = (("stdio", "%s --magic-cookie BASIC_PLUGIN=hello %s -- %s %d 64"
                   % (host, man, self.x("rpb_lines"), lines),
                   ["--bytes", str(lines * 64)]),
                  ("unary", "%s --magic-cookie BASIC_PLUGIN=hello %s"
-                  % (host, kvman), ["--calls", str(calls)]))
+                  % (host, kvman), ["--calls", str(calls)]),
+                 ("health", "%s --magic-cookie BASIC_PLUGIN=hello %s"
+                  % (host, man), ["--calls", str(calls)]),
+                 # The anchor: a Go plugin on grpc-go and hashicorp/yamux,
+                 # muxed as go-plugin v1.8.0's server does (no bridge).
+                 ("health-go", gomux, ["--calls", str(calls)]))
         runs = {}
         for rep in range(self.reps):
             for tls in (False, True):
@@ -1511,7 +1517,8 @@ class Bench:
                             rep + 1, self.reps, wl,
                             ", AutoMTLS" if tls else "",
                             ", multiplexed" if mux else ", plain"))
-                        argv = [mb, wl, "--plugin", cmd] + extra
+                        argv = [mb, wl.replace("-go", ""), "--plugin",
+                                cmd] + extra
                         if mux:
                             argv.append("--mux")
                         if tls:
@@ -1564,6 +1571,33 @@ class Bench:
                      ratio=True, target="<= 1.30")
             self.ratios.append(("W9 unary p50 mux/plain%s" % t,
                                 lat["median"], 1.3, False))
+            for wl, lab in (("health", "rpcplugin-host"),
+                            ("health-go", "Go plugin (yamux, no bridge)")):
+                for mux in (False, True):
+                    v = [r["p50_us"] for r in runs[(wl, tls, mux)]]
+                    self.row("W9", "Health/Check x%d, 1 caller, %s, %s%s" % (
+                        calls, lab, "multiplexed" if mux else "plain", t),
+                        "p50", med(v), spread(v), unit=" us")
+            hl = summary([b["p50_us"] / a["p50_us"] for a, b in
+                          zip(runs[("health", tls, False)],
+                              runs[("health", tls, True)])])
+            gl = summary([b["p50_us"] / a["p50_us"] for a, b in
+                          zip(runs[("health-go", tls, False)],
+                              runs[("health-go", tls, True)])])
+            hg = summary([a["p50_us"] / b["p50_us"] for a, b in
+                          zip(runs[("health", tls, True)],
+                              runs[("health-go", tls, True)])])
+            self.row("W9", "Health/Check p50%s: multiplexed / plain, "
+                     "rpcplugin-host" % t, "ratio", hl["median"],
+                     (hl["min"], hl["max"]), ratio=True, target="<= 1.30")
+            self.row("W9", "Health/Check p50%s: multiplexed / plain, Go "
+                     "plugin (anchor: yamux's own cost)" % t, "ratio",
+                     gl["median"], (gl["min"], gl["max"]), ratio=True)
+            self.row("W9", "Health/Check p50%s, multiplexed: rpcplugin-host "
+                     "/ Go plugin" % t, "ratio", hg["median"],
+                     (hg["min"], hg["max"]), ratio=True)
+            self.ratios.append(("W9 health p50 mux/plain%s" % t,
+                                hl["median"], 1.3, False))
 
     # ------------------------------------------------------------ W8
 

@@ -1293,10 +1293,12 @@ static void mux_take(int fd) {
   }
   {
     size_t i;
+    /* Through the broker's host API, as a host's Accept would: with
+     * multiplexing librpcplugin turns the advertisement into a route. */
     for (i = 0; i < H.naccepts; i++)
-      if (rpcplugin_runtime_mux_route(H.rt, H.accepts[i].service_id,
-                                      H.accepts[i].network,
-                                      H.accepts[i].address) != 0)
+      if (rpcplugin_module_broker_advertise(H.mod, H.accepts[i].service_id,
+                                            H.accepts[i].network,
+                                            H.accepts[i].address) != 0)
         say("multiplexing: --broker-accept %u: cannot add the route",
             (unsigned)H.accepts[i].service_id);
   }

@@ -14,6 +14,9 @@
 //	    go-plugin's KV example: W untimed, then N timed Put calls of a
 //	    64-byte value from one goroutine; prints
 //	    {"calls":..,"seconds":..,"calls_per_s":..,"p50_us":..,"p99_us":..}
+//	gpmuxbench health [...]
+//	    the same with grpc.health.v1.Health/Check "plugin" (no file I/O
+//	    in the handler: the transport's share of a call shows)
 //
 // The plugin is killed at the end (after Shutdown).  Any failure prints
 // "FAIL <what>: <error>" on stderr and exits 1.
@@ -233,13 +236,12 @@ func stdoutBytes(m []byte) int {
 	return 0
 }
 
-func unary(p *plugin, calls, warmup int) map[string]interface{} {
-	req := kvshared.KVPutRequest{Key: "bench", Value: []byte(strings.Repeat("v", 64))}.Marshal()
+func unary(p *plugin, method string, req []byte, calls, warmup int) map[string]interface{} {
 	call := func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		var out []byte
-		return p.conn.Invoke(ctx, kvshared.KVPutMethod, &req, &out,
+		return p.conn.Invoke(ctx, method, &req, &out,
 			grpc.ForceCodec(kvshared.RawCodec{}))
 	}
 	for i := 0; i < warmup; i++ {
@@ -287,7 +289,12 @@ func main() {
 	case "stdio":
 		res = stdio(p, *nbytes)
 	case "unary":
-		res = unary(p, *calls, *warmup)
+		res = unary(p, kvshared.KVPutMethod, kvshared.KVPutRequest{Key: "bench",
+			Value: []byte(strings.Repeat("v", 64))}.Marshal(), *calls, *warmup)
+	case "health":
+		// HealthCheckRequest{service: "plugin"}
+		res = unary(p, "/grpc.health.v1.Health/Check",
+			append([]byte{0x0a, 6}, "plugin"...), *calls, *warmup)
 	default:
 		p.kill()
 		fail("usage", fmt.Errorf("unknown workload %q", os.Args[1]))

@@ -7,6 +7,8 @@
 //     or $TMPDIR), prints 1|1|unix|PATH|grpc|CERT|true (CERT only with
 //     PLUGIN_CLIENT_CERT; the 7th field only when PLUGIN_MULTIPLEX_GRPC is
 //     set, and not with GPMUXPLUGIN_NO_MUX=1, which plays an old plugin);
+//     without PLUGIN_MULTIPLEX_GRPC it serves plainly on the listener (the
+//     benchmark's anchor);
 //   - yamux.Server on the first accepted connection; each incoming stream
 //     goes to the brokered listener of the most recent knock, else to the
 //     main gRPC server (Health "plugin" SERVING, GRPCBroker, GRPCStdio,
@@ -323,7 +325,8 @@ func main() {
 	if os.Getenv("PLUGIN_MULTIPLEX_GRPC") != "" && os.Getenv("GPMUXPLUGIN_NO_MUX") == "" {
 		line += "|true"
 	}
-	if !mux || os.Getenv("GPMUXPLUGIN_NO_MUX") != "" {
+	plain := os.Getenv("PLUGIN_MULTIPLEX_GRPC") == ""
+	if !plain && (!mux || os.Getenv("GPMUXPLUGIN_NO_MUX") != "") {
 		fmt.Println(line)
 		logf("not multiplexing: waiting to be killed")
 		time.Sleep(60 * time.Second)
@@ -357,6 +360,15 @@ func main() {
 	kvshared.RegisterCounter(srv, &counter{m: map[string]int64{}}, p.dial)
 
 	fmt.Println(line) // the handshake
+	if plain {
+		// Not asked to multiplex: the main server on the listener, as any
+		// go-plugin plugin (the benchmark's anchor, bench/run.py W9).
+		go srv.Serve(ln)
+		<-p.quit
+		srv.GracefulStop()
+		os.RemoveAll(dir)
+		os.Exit(0)
+	}
 	conn, err := ln.Accept()
 	ln.Close()
 	if err != nil {
