@@ -918,21 +918,22 @@ int rp_mux_start(const rpcplugin_mux_options *o, rp_mux_knock_fn knock,
     int fl = fcntl(m->conn, F_GETFL);
     if (fl >= 0) fcntl(m->conn, F_SETFL, fl | O_NONBLOCK);
   }
+  *out = m;
+  return 0;
+}
+
+int rp_mux_run(rp_mux *m, rpcplugin_error *err) {
   m->next_ping_ms = mono_ms() + m->o.keepalive_ms;
   if (pthread_create(&m->io_thread, NULL, io_main, m) != 0) {
-    close(m->wake);
-    ymx_free(m->ys);
-    free(m);
+    set_end(m, "cannot start a thread");
     return rp_error(err, RPCPLUGIN_ENOMEM, "multiplex: cannot start a thread");
   }
   m->threads = 1;
   if (pthread_create(&m->dial_thread, NULL, dial_main, m) != 0) {
     rp_mux_stop(m, 0);
-    rp_mux_free(m);
     return rp_error(err, RPCPLUGIN_ENOMEM, "multiplex: cannot start a thread");
   }
   m->threads = 2;
-  *out = m;
   return 0;
 }
 

@@ -34,6 +34,11 @@ typedef int (*rp_mux_knock_fn)(void *ud, uint32_t id, char *err,
 int rp_mux_start(const rpcplugin_mux_options *o, rp_mux_knock_fn knock,
                  void (*log)(void *ud, int level, const char *msg),
                  void *knock_ud, rp_mux **out, rpcplugin_error *err);
+/* Start the threads (after rp_mux_start, once the mux is where the
+ * runtime's broker_mux_knock finds it: the first stream may carry a knock
+ * at once).  On failure the session is over (on_end was called);
+ * rp_mux_free still follows. */
+int rp_mux_run(rp_mux *m, rpcplugin_error *err);
 /* The client knocked for id (its Dial of a service the host brokered):
  * the next stream it opens goes to id's route.  0, or an error with the
  * reason in err (no route for id, too many knocks pending). */

@@ -743,6 +743,8 @@ int rpcplugin_runtime_multiplex(rpcplugin_runtime *rt,
     rp_mux_free(m);
     return rp_error(err, RPCPLUGIN_ESTATE, "multiplex: already multiplexing");
   }
+  /* Published first: the first stream may carry a knock at once. */
+  if ((rc = rp_mux_run(m, err)) != 0) return rc; /* freed at destroy */
   rp_runtime_log(rt, RPCPLUGIN_LOG_DEBUG,
                  "rpcplugin: multiplexing (yamux) on the client's connection");
   return 0;
