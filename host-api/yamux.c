@@ -60,9 +60,9 @@ struct ymx_session {
 
   uint8_t hdr[YMX_HEADER_SIZE];
   size_t hdr_have;
-  int in_payload;    /* the bytes that follow are a DATA payload */
-  int pay_skip;      /* ... of a stream that is unknown, refused or gone */
-  int pay_fin;       /* the frame had FIN: apply it after the payload */
+  int in_payload; /* the bytes that follow are a DATA payload */
+  int pay_skip;   /* ... of a stream that is unknown, refused or gone */
+  int pay_fin;    /* the frame had FIN: apply it after the payload */
   uint32_t pay_id;
   uint32_t pay_left;
 
@@ -234,9 +234,10 @@ void ymx_out_peek(const ymx_session *s, const uint8_t **p, size_t *len) {
 }
 
 void ymx_out_drop(ymx_session *s, size_t n) {
-  size_t pending = s->out_len - s->out_head;
+  size_t pending = s->out_len - s->out_head, live;
   s->out_head += n < pending ? n : pending;
-  if (s->out_head == s->out_len) {
+  live = s->out_len - s->out_head;
+  if (live == 0) {
     s->out_head = s->out_len = 0;
     if (s->out_cap > OUT_KEEP) {
       uint8_t *nb = realloc(s->out, OUT_INITIAL);
@@ -245,13 +246,25 @@ void ymx_out_drop(ymx_session *s, size_t n) {
         s->out_cap = OUT_INITIAL;
       }
     }
+  } else if (s->out_cap > OUT_KEEP && live <= s->out_cap / 4) {
+    /* A burst's buffer, now mostly empty but never drained to zero: give
+     * the surplus back (halving at least, so the moves stay amortized). */
+    size_t cap = live * 2 > OUT_KEEP ? live * 2 : OUT_KEEP;
+    uint8_t *nb;
+    memmove(s->out, s->out + s->out_head, live);
+    s->out_head = 0;
+    s->out_len = live;
+    nb = realloc(s->out, cap);
+    if (nb) {
+      s->out = nb;
+      s->out_cap = cap;
+    }
   }
 }
 
 /* -------------------------------------------------------- session */
 
-ymx_session *ymx_new(const ymx_config *cfg, const ymx_callbacks *cb,
-                     void *ud) {
+ymx_session *ymx_new(const ymx_config *cfg, const ymx_callbacks *cb, void *ud) {
   ymx_session *s = calloc(1, sizeof *s);
   if (!s) return NULL;
   if (cb) s->cb = *cb;
@@ -311,8 +324,7 @@ static ymx_stream *stream_new(uint32_t id) {
 static int send_update(ymx_session *s, ymx_stream *st, uint16_t flags) {
   uint32_t delta = st->unannounced;
   if (st->owe_ack) flags |= YMX_ACK;
-  if (emit(s, YMX_WINDOW_UPDATE, flags, st->id, delta) != 0)
-    return YMX_ENOMEM;
+  if (emit(s, YMX_WINDOW_UPDATE, flags, st->id, delta) != 0) return YMX_ENOMEM;
   st->owe_ack = 0;
   st->recv_window += delta;
   st->unannounced = 0;
@@ -361,8 +373,7 @@ static int incoming_syn(ymx_session *s, const ymx_header *h) {
   }
   /* After our GO_AWAY (as Go's incomingStream), beyond max_streams, or
    * without memory for it: refused with RST, the session goes on. */
-  st = s->local_go_away || s->count >= s->max_streams ? NULL
-                                                      : stream_new(id);
+  st = s->local_go_away || s->count >= s->max_streams ? NULL : stream_new(id);
   if (st && table_insert(s, st) != 0) {
     free(st);
     st = NULL;
@@ -471,26 +482,26 @@ static void on_header(ymx_session *s) {
     return;
   }
   switch (h.type) {
-  case YMX_PING:
-    if (h.stream_id != 0) {
-      proto_error(s);
-    } else if (h.flags & YMX_SYN) {
-      if (emit(s, YMX_PING, YMX_ACK, 0, h.length) != 0) fail_nomem(s);
-    } else if ((h.flags & YMX_ACK) && s->cb.on_pong) {
-      s->cb.on_pong(s->ud, h.length);
-    }
-    break;
-  case YMX_GO_AWAY:
-    if (h.stream_id != 0) {
-      proto_error(s);
+    case YMX_PING:
+      if (h.stream_id != 0) {
+        proto_error(s);
+      } else if (h.flags & YMX_SYN) {
+        if (emit(s, YMX_PING, YMX_ACK, 0, h.length) != 0) fail_nomem(s);
+      } else if ((h.flags & YMX_ACK) && s->cb.on_pong) {
+        s->cb.on_pong(s->ud, h.length);
+      }
       break;
-    }
-    s->remote_go_away = 1;
-    if (s->cb.on_go_away) s->cb.on_go_away(s->ud, h.length);
-    break;
-  default:
-    stream_frame(s, &h);
-    break;
+    case YMX_GO_AWAY:
+      if (h.stream_id != 0) {
+        proto_error(s);
+        break;
+      }
+      s->remote_go_away = 1;
+      if (s->cb.on_go_away) s->cb.on_go_away(s->ud, h.length);
+      break;
+    default:
+      stream_frame(s, &h);
+      break;
   }
 }
 
@@ -548,8 +559,7 @@ int ymx_open(ymx_session *s, uint32_t *id) {
   uint32_t nid;
   if (s->dead) return s->dead;
   if (s->local_go_away || s->remote_go_away) return YMX_EGOAWAY;
-  if (s->count >= s->max_streams || s->next_id > UINT32_MAX)
-    return YMX_ELIMIT;
+  if (s->count >= s->max_streams || s->next_id > UINT32_MAX) return YMX_ELIMIT;
   nid = (uint32_t)s->next_id;
   st = stream_new(nid);
   if (!st) return YMX_ENOMEM;
@@ -583,8 +593,8 @@ long ymx_write(ymx_session *s, uint32_t id, const uint8_t *p, size_t n) {
   if (!out) return YMX_ENOMEM;
   for (done = 0; done < total;) {
     ymx_header h = {0, YMX_DATA, 0, id, 0};
-    size_t chunk = total - done < MAX_DATA_FRAME ? total - done
-                                                 : MAX_DATA_FRAME;
+    size_t chunk =
+        total - done < MAX_DATA_FRAME ? total - done : MAX_DATA_FRAME;
     if (st->owe_ack) { /* written from on_open: the ACK rides along */
       h.flags = YMX_ACK;
       st->owe_ack = 0;
@@ -655,11 +665,15 @@ int ymx_go_away(ymx_session *s, uint32_t code) {
   return rc;
 }
 
-size_t ymx_stream_count(const ymx_session *s) { return s->count; }
+size_t ymx_stream_count(const ymx_session *s) {
+  return s->count;
+}
 
 uint32_t ymx_recv_buffered(const ymx_session *s, uint32_t id) {
   const ymx_stream *st = find(s, id);
   return st ? st->buffered : 0;
 }
 
-int ymx_remote_go_away(const ymx_session *s) { return s->remote_go_away; }
+int ymx_remote_go_away(const ymx_session *s) {
+  return s->remote_go_away;
+}

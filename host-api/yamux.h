@@ -26,10 +26,22 @@
  *  - PING with SYN is answered at once with a PING ACK carrying the same
  *    opaque value; a PING ACK is reported (on_pong).
  *  - GO_AWAY: reported; no stream may be opened afterwards (ymx_open
- *    fails), the existing ones go on.
+ *    fails), the existing ones go on.  After our own GO_AWAY a peer's SYN
+ *    is refused with RST (Go's incomingStream).
+ *  - Flags are handled before a frame's payload or delta (Go's
+ *    processFlags): SYN (on_open), ACK (on_ack), RST (on_reset; a payload
+ *    is skipped).  FIN comes last, after the DATA payload it ends or the
+ *    WINDOW_UPDATE delta it carries.
+ *  - After the peer's FIN, DATA with a payload or a second FIN on that
+ *    stream is a protocol error (Go: a second FIN is; data after FIN it
+ *    never sends).  A SYN carrying more DATA than the initial window is
+ *    one too, accepted or not.
  * A protocol error queues a GO_AWAY with code 1 (protocol error) and
- * makes ymx_feed return YMX_EPROTO; every later ymx_feed returns it too.
- * The caller flushes the output and closes the connection.
+ * makes ymx_feed return YMX_EPROTO; every later ymx_feed returns it too,
+ * and so does every call that would queue output or change a stream
+ * (ymx_open, ymx_write, ymx_consumed, ymx_close, ymx_reset, ymx_ping,
+ * ymx_go_away): nothing is queued after the GO_AWAY.  The caller flushes
+ * the output and closes the connection.
  */
 #ifndef RPCPLUGIN_YAMUX_H
 #define RPCPLUGIN_YAMUX_H
@@ -70,9 +82,12 @@ void ymx_header_decode(const uint8_t in[YMX_HEADER_SIZE], ymx_header *h);
 int ymx_header_check(const ymx_header *h);
 
 /* What the session reports while ymx_feed runs (all optional; ud is the
- * pointer given to ymx_new).  The callbacks may call ymx_write,
- * ymx_consumed, ymx_close, ymx_reset, ymx_open, ymx_ping, ymx_go_away on
- * the same session, but not ymx_feed or ymx_free. */
+ * pointer given to ymx_new), and on_closed also from ymx_close.  The
+ * callbacks may call ymx_write, ymx_consumed, ymx_close, ymx_reset,
+ * ymx_open, ymx_ping, ymx_go_away on the same session, even on the
+ * stream being reported (the session looks it up again afterwards; the
+ * rest of a payload of a stream reset meanwhile is skipped), but not
+ * ymx_free; ymx_feed from a callback returns YMX_EINVAL. */
 typedef struct ymx_callbacks {
   /* The peer opened stream id (SYN).  Return 0 to accept it (an ACK goes
    * out, as a WINDOW_UPDATE), anything else to refuse it (an RST goes
@@ -90,9 +105,11 @@ typedef struct ymx_callbacks {
   /* The send window of stream id grew (a WINDOW_UPDATE with a length
    * above 0); ymx_send_window tells how much may be written. */
   void (*on_window)(void *ud, uint32_t id);
-  /* The peer acknowledged stream id (ACK). */
+  /* The peer acknowledged stream id (ACK): once, for a stream we
+   * opened. */
   void (*on_ack)(void *ud, uint32_t id);
-  /* Both sides have sent FIN on stream id; the session forgot it. */
+  /* Both sides have sent FIN on stream id; the session forgot it.  From
+   * ymx_feed (the peer's FIN came last) or from ymx_close (ours did). */
   void (*on_closed)(void *ud, uint32_t id);
   /* The peer sent GO_AWAY with this code. */
   void (*on_go_away)(void *ud, uint32_t code);
@@ -113,12 +130,16 @@ ymx_session *ymx_new(const ymx_config *cfg, const ymx_callbacks *cb,
 void ymx_free(ymx_session *s);
 
 /* Consume n bytes of input (any split: a header or a payload may arrive
- * a byte at a time).  Returns YMX_OK or YMX_EPROTO. */
+ * a byte at a time).  Returns YMX_OK or YMX_EPROTO; also YMX_ENOMEM (out
+ * of memory for a reply: the session is over, sticky like YMX_EPROTO,
+ * without a GO_AWAY), and YMX_EINVAL when called from a callback. */
 int ymx_feed(ymx_session *s, const uint8_t *p, size_t n);
 
 /* The output queue: bytes to write to the connection, in order.  peek
- * gives the first contiguous piece (*len 0: nothing to write); drop
- * removes n bytes from the front after they were written. */
+ * gives the first contiguous piece (*len 0: nothing to write; this
+ * implementation keeps one piece, so it is all that is pending); drop
+ * removes n bytes from the front after they were written.  Memory: the
+ * queue holds what is pending, compacted as it drains. */
 size_t ymx_out_pending(const ymx_session *s);
 void ymx_out_peek(const ymx_session *s, const uint8_t **p, size_t *len);
 void ymx_out_drop(ymx_session *s, size_t n);
@@ -139,10 +160,13 @@ uint32_t ymx_send_window(const ymx_session *s, uint32_t id);
  * YMX_ENOSTREAM, YMX_EINVAL (more than was received and not consumed). */
 int ymx_consumed(ymx_session *s, uint32_t id, size_t n);
 
-/* Half-close stream id (FIN).  After both sides' FIN the stream is
- * forgotten (on_closed). */
+/* Half-close stream id (FIN, as a WINDOW_UPDATE that also carries any
+ * consumption not yet announced).  After both sides' FIN the stream is
+ * forgotten (on_closed, from here when the peer's FIN came first).
+ * YMX_ENOSTREAM, YMX_ECLOSED (FIN already sent). */
 int ymx_close(ymx_session *s, uint32_t id);
-/* Reset stream id (RST); it is forgotten at once (no callback). */
+/* Reset stream id (RST); it is forgotten at once (no callback); what
+ * the peer still sends on it is skipped.  YMX_ENOSTREAM. */
 int ymx_reset(ymx_session *s, uint32_t id);
 
 /* PING with SYN and this opaque value. */
