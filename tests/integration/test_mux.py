@@ -184,6 +184,18 @@ def _knock(broker, sid):
     return broker.recv()
 
 
+def _knocked(h, sid):
+    """A client of host h with its broker stream, which knocked for sid and
+    got a plain ack: (client, broker)."""
+    c = MuxClient(h)
+    broker = BrokerStream(c.channel)
+    broker.wait_open()
+    r = _knock(broker, sid)
+    assert r.service_id == sid and r.knock.knock and r.knock.ack
+    assert r.knock.error == ""
+    return c, broker
+
+
 def test_knock_routes_the_next_stream(mux_host, tmp_path):
     """go-plugin's Dial of a service the plugin brokered (--broker-accept):
     knock, ack, then the client's next stream reaches that service; a knock
@@ -191,12 +203,7 @@ def test_knock_routes_the_next_stream(mux_host, tmp_path):
     side = str(tmp_path / "side.sock")
     srv, _ = health_server("unix:" + side)
     h = mux_host(options=["--broker-accept", "7:unix:" + side])
-    c = MuxClient(h)
-    broker = BrokerStream(c.channel)
-    broker.wait_open()
-    r = _knock(broker, 7)
-    assert r.service_id == 7 and r.knock.knock and r.knock.ack
-    assert r.knock.error == ""
+    c, broker = _knocked(h, 7)
     r = _knock(broker, 8)
     assert r.knock.ack and r.knock.error == "no listener for id 8"
     # The stream after the knock: a channel of its own, to id 7's server.
@@ -262,10 +269,7 @@ def test_window_exhaustion_with_a_slow_reader(mux_host, tmp_path):
     side = str(tmp_path / "sink.sock")
     t, res = _sink_server(side, payload)
     h = mux_host(options=["--broker-accept", "9:unix:" + side])
-    c = MuxClient(h)
-    broker = BrokerStream(c.channel)
-    broker.wait_open()
-    assert _knock(broker, 9).knock.error == ""
+    c, broker = _knocked(h, 9)
     st = c.session.open()
     # The host forwards exactly one window, then waits.
     wait_until(lambda: st.received >= ymx.WINDOW, 10, "the first window")
@@ -299,10 +303,7 @@ def test_stream_reset_mid_message(mux_host, tmp_path):
     ls.bind(side)
     ls.listen(1)
     h = mux_host(options=["--broker-accept", "11:unix:" + side])
-    c = MuxClient(h)
-    broker = BrokerStream(c.channel)
-    broker.wait_open()
-    assert _knock(broker, 11).knock.error == ""
+    c, broker = _knocked(h, 11)
     st = c.session.open()
     conn, _ = ls.accept()
     st.send(b"half a message")
