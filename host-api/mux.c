@@ -706,6 +706,10 @@ static void *io_main(void *arg) {
             ymx_out_pending(m->ys) < OUT_HIGH)
           ev |= POLLIN;
       }
+      /* Nothing wanted from it now: left out, or a local side that hung
+       * up (POLLHUP is reported whatever the events) would spin the loop
+       * while its stream waits for the peer's FIN or window. */
+      if (ev == 0) continue;
       pfd[n] = (struct pollfd){b->fd, ev, 0};
       slots[n++] = (slot){3, b};
     }

@@ -325,3 +325,43 @@ def test_stream_reset_mid_message(mux_host, tmp_path):
     assert c.session.ping(4242)
     broker.cancel()
     c.close()
+
+
+def _cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_local_side_gone_while_the_window_is_full(mux_host, tmp_path):
+    """A brokered service writes more than a window and closes at once;
+    the client reads nothing for a while.  The host holds the rest in the
+    local socket and does not spin on the hung-up socket meanwhile (its
+    CPU time stays flat over half a second); then every byte arrives, and
+    the stream ends with FIN."""
+    payload = os.urandom(ymx.WINDOW + 100000)
+    side = str(tmp_path / "gone.sock")
+    ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ls.bind(side)
+    ls.listen(1)
+    h = mux_host(options=["--broker-accept", "12:unix:" + side])
+    c, broker = _knocked(h, 12)
+    st = c.session.open()
+    conn, _ = ls.accept()
+    conn.sendall(payload)  # fits: the host read a window, the socket the rest
+    conn.close()
+    ls.close()
+    wait_until(lambda: st.received >= ymx.WINDOW, 10, "the first window")
+    cpu0 = _cpu_seconds(h.proc.pid)
+    threading.Event().wait(0.5)  # the measuring window, not a race
+    spent = _cpu_seconds(h.proc.pid) - cpu0
+    assert spent < 0.2 * SLOW, "host used %.2f s of CPU while idle" % spent
+    got = bytearray()
+    while True:
+        data = st.recv(timeout=30)
+        if not data:
+            break
+        got += data
+    assert bytes(got) == payload
+    broker.cancel()
+    c.close()
