@@ -168,11 +168,13 @@ def test_unknown_socket_group_fails_before_handshake(hosts):
 
 # ---------------------------------------------------- PLUGIN_MULTIPLEX_GRPC
 
-@pytest.mark.parametrize("value", ["true", "1"])
-def test_multiplex_request_keeps_five_fields(hosts, value):
+@pytest.mark.parametrize("value", ["false", "0", "maybe"])
+def test_multiplex_not_true_keeps_five_fields(hosts, value):
+    """A value that is not true: no multiplexing, no 7th field, one note.
+    (A true value: test_mux.py and test_mux_go.py.)"""
     h = hosts(env={"PLUGIN_MULTIPLEX_GRPC": value})
     assert len(h.handshake.line.split("|")) == 5, h.handshake.line
-    err = h.stderr_until("does not support gRPC broker multiplexing")
+    err = h.stderr_until("serving without multiplexing")
     assert err.count("multiplexing") == 1, err
     ch = h.channel()
     assert h.health(ch) == health_pb2.HealthCheckResponse.SERVING
