@@ -420,7 +420,10 @@ exec "$@"
 """
 
 RECORDER = r"""
-import socket, sys, threading
+import ctypes, socket, sys, threading
+# PR_SET_PDEATHSIG: SIGTERM when the parent (the shell, which execs the
+# host) ends, so the recorder and its namespace do not outlive the test.
+ctypes.CDLL(None).prctl(1, 15)
 host, port, countfile = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((host, port)); s.listen(16)
