@@ -381,17 +381,13 @@ static int on_open(void *ud, uint32_t id) {
     m->nknocks--;
     for (r = m->routes; r; r = r->next)
       if (r->id == knocked) break;
-    if (r) {
-      snprintf(network, sizeof network, "%s", r->network);
-      snprintf(address, sizeof address, "%s", r->address);
-    } else {
-      knocked = 0; /* the route went away: refuse */
-    }
-    if (!knocked) {
+    if (r == NULL) { /* knocks are acked only for routed ids */
       m->st.streams_refused++;
       pthread_mutex_unlock(&m->mu);
       return -1;
     }
+    snprintf(network, sizeof network, "%s", r->network);
+    snprintf(address, sizeof address, "%s", r->address);
   }
   m->first_seen = 1;
   pthread_mutex_unlock(&m->mu);

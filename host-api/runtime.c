@@ -791,7 +791,6 @@ static int host_broker_dial(void *host_ctx, uint32_t id, int timeout_ms,
   rp_binding *b = host_ctx;
   rpcplugin_runtime *rt = b->rt;
   rpcplugin_conn_info info;
-  rt_mod_node *n;
   int rc = RPCPLUGIN_EUNSUPPORTED;
   if (out == NULL) return RPCPLUGIN_EINVAL;
   *out = NULL;
@@ -827,15 +826,7 @@ static int host_broker_dial(void *host_ctx, uint32_t id, int timeout_ms,
     return 0;
   }
   {
-    rpcplugin_module *bm = NULL;
-    /* The module list changes only on control threads; find the broker's
-     * module under the lock, call it (through its handle, which follows
-     * swaps) without. */
-    pthread_mutex_lock(&rt->mu);
-    for (n = rt->modules; n && bm == NULL; n = n->next)
-      if (rpcplugin_module_services_of(n->mod) & RPCPLUGIN_SVC_BROKER)
-        bm = n->mod;
-    pthread_mutex_unlock(&rt->mu);
+    rpcplugin_module *bm = rt_broker_module(rt);
     if (bm) rc = rpcplugin_module_broker_wait_advertised(bm, id, timeout_ms, &info);
   }
   if (rc != 0) {

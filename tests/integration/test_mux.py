@@ -228,6 +228,16 @@ def test_knock_routes_the_next_stream(mux_host, tmp_path):
     srv.stop(None)
 
 
+def _read_to_fin(st):
+    """Everything stream st delivers until the peer's FIN."""
+    got = bytearray()
+    while True:
+        data = st.recv(timeout=30)
+        if not data:
+            return bytes(got)
+        got += data
+
+
 def _sink_server(path, payload):
     """A unix server that writes payload to its one connection, then
     closes; returns (thread, result dict)."""
@@ -278,12 +288,7 @@ def test_window_exhaustion_with_a_slow_reader(mux_host, tmp_path):
     assert c.session.ping(99)
     assert st.received == ymx.WINDOW
     assert "done" not in res  # the service is blocked in its write
-    got = bytearray()
-    while True:
-        data = st.recv(timeout=30)
-        if not data:
-            break
-        got += data
+    got = _read_to_fin(st)
     assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
     assert len(got) == len(payload)
     assert _rss_kib(h.proc.pid) - rss_before < 4096
@@ -356,12 +361,7 @@ def test_local_side_gone_while_the_window_is_full(mux_host, tmp_path):
     threading.Event().wait(0.5)  # the measuring window, not a race
     spent = _cpu_seconds(h.proc.pid) - cpu0
     assert spent < 0.2 * SLOW, "host used %.2f s of CPU while idle" % spent
-    got = bytearray()
-    while True:
-        data = st.recv(timeout=30)
-        if not data:
-            break
-        got += data
-    assert bytes(got) == payload
+    got = _read_to_fin(st)
+    assert got == payload
     broker.cancel()
     c.close()
