@@ -36,6 +36,7 @@
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <grpc/support/alloc.h>
@@ -694,7 +695,26 @@ static int rt_mux_knock(void *ud, uint32_t id, char *err, size_t errlen) {
     snprintf(err, errlen, "no loaded module serves plugin.GRPCBroker");
     return RPCPLUGIN_EUNSUPPORTED;
   }
-  return rpcplugin_module_broker_knock(bm, id, "", "", 5000, err, errlen);
+  /* go-plugin's knock waits 5 s for its ack.  The client's StartStream
+   * may not have reached the broker yet (a plugin dial right after the
+   * client connected): go-plugin's send waits for the stream, so wait
+   * for one too, within the same 5 s, looking again every 5 ms (the
+   * broker has no event for "a stream opened" that the host can wait
+   * on). */
+  {
+    struct timespec t0, now, pause = {0, 5 * 1000 * 1000};
+    int rc, left = 5000;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (;;) {
+      rc = rpcplugin_module_broker_knock(bm, id, "", "", left, err, errlen);
+      if (rc != RPCPLUGIN_ENOTFOUND) return rc;
+      clock_gettime(CLOCK_MONOTONIC, &now);
+      left = 5000 - (int)((now.tv_sec - t0.tv_sec) * 1000 +
+                          (now.tv_nsec - t0.tv_nsec) / 1000000);
+      if (left <= 0) return rc;
+      nanosleep(&pause, NULL);
+    }
+  }
 }
 
 /* ABI 1.3: the client knocked for id on the broker stream. */

@@ -365,3 +365,43 @@ def test_local_side_gone_while_the_window_is_full(mux_host, tmp_path):
     assert got == payload
     broker.cancel()
     c.close()
+
+
+def test_plugin_dial_waits_for_the_broker_stream(tmp_path):
+    """The plugin dials (Counter.Put of examples/bidirectional) before the
+    client opened StartStream: its knock waits for the stream, as
+    go-plugin's send does, instead of failing at once.  The client then
+    answers the knock with go-plugin's "no listener" error, and Put fails
+    with UNAVAILABLE."""
+    from conftest import BUILD
+    man = os.path.join(BUILD, "examples", "bidirectional",
+                       "bidirectional.json")
+    h = PluginHost(manifest=man, env=MUX)
+    try:
+        c = MuxClient(h)
+        put = c.channel.unary_unary("/proto.Counter/Put")
+        # PutRequest{add_server: 1, key: "k", value: 1}
+        fut = put.future(b"\x08\x01\x12\x01k\x18\x01", timeout=20 * SLOW)
+        # The plugin's dial has begun once its dial socket exists (the
+        # mux folder is the host's only rpcplugin-mux-* in its TMPDIR).
+        def dial_socket():
+            for d in os.listdir(h.tmpdir):
+                if d.startswith("rpcplugin-mux-") and os.path.exists(
+                        os.path.join(h.tmpdir, d, "d1")):
+                    return True
+            return False
+        wait_until(dial_socket, 10, "the plugin's dial of id 1")
+        # No stream yet: the knock must wait, not fail.  Open it now.
+        broker = BrokerStream(c.channel)
+        broker.wait_open()
+        r = broker.recv()
+        assert r.service_id == 1 and r.knock.knock and not r.knock.ack, r
+        broker.send(ConnInfo(service_id=1, knock=Knock(
+            knock=True, ack=True, error="no listener for id 1")))
+        with pytest.raises(grpc.RpcError) as e:
+            fut.result()
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        broker.cancel()
+        c.close()
+    finally:
+        h.close()
