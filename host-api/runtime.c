@@ -753,7 +753,10 @@ int rpcplugin_runtime_multiplex(rpcplugin_runtime *rt,
                     "multiplex: the runtime must be started, and multiplex "
                     "only once");
   }
-  mo = *o;
+  /* A caller built against an older header passes a shorter struct. */
+  memset(&mo, 0, sizeof mo);
+  memcpy(&mo, o, o->struct_size < sizeof mo ? o->struct_size : sizeof mo);
+  mo.struct_size = sizeof mo;
   rc = rp_mux_start(&mo, rt_mux_knock, mux_log, rt, &m, err);
   if (rc != 0) {
     close(o->fd);
@@ -763,7 +766,9 @@ int rpcplugin_runtime_multiplex(rpcplugin_runtime *rt,
     rp_mux_free(m);
     return rp_error(err, RPCPLUGIN_ESTATE, "multiplex: already multiplexing");
   }
-  /* Published first: the first stream may carry a knock at once. */
+  /* Published first: the first stream may carry a knock at once, for a
+   * route the host adds in on_ready (which needs rt->mux). */
+  if (mo.on_ready != NULL) mo.on_ready(mo.ud);
   if ((rc = rp_mux_run(m, err)) != 0) return rc; /* freed at destroy */
   rp_runtime_log(rt, RPCPLUGIN_LOG_DEBUG,
                  "rpcplugin: multiplexing (yamux) on the client's connection");

@@ -1267,6 +1267,21 @@ static void on_mux_log(void *ud, int level, const char *msg) {
   if (level <= H.log_level) say("%s", msg);
 }
 
+/* Multiplexing: the routes for --broker-accept, in place before the first
+ * byte of the connection is read (a client may knock at once).  Through
+ * the broker's host API, as a host's Accept would: with multiplexing
+ * librpcplugin turns the advertisement into a route. */
+static void on_mux_ready(void *ud) {
+  size_t i;
+  (void)ud;
+  for (i = 0; i < H.naccepts; i++)
+    if (rpcplugin_module_broker_advertise(H.mod, H.accepts[i].service_id,
+                                          H.accepts[i].network,
+                                          H.accepts[i].address) != 0)
+      say("multiplexing: --broker-accept %u: cannot add the route",
+          (unsigned)H.accepts[i].service_id);
+}
+
 /* Multiplexing: the first connection is the client's, for good (go-plugin's
  * GRPCServerMuxer accepts once); the runtime runs yamux on it. */
 static void mux_take(int fd) {
@@ -1280,6 +1295,7 @@ static void mux_take(int fd) {
   o.keepalive_ms = (int)H.mux_keepalive_ms;
   o.on_end = on_mux_end;
   o.log = on_mux_log;
+  o.on_ready = on_mux_ready;
   if (L.tcp) {
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -1290,17 +1306,6 @@ static void mux_take(int fd) {
     say("multiplexing: %s", err.message);
     on_mux_end(NULL, "could not start");
     return;
-  }
-  {
-    size_t i;
-    /* Through the broker's host API, as a host's Accept would: with
-     * multiplexing librpcplugin turns the advertisement into a route. */
-    for (i = 0; i < H.naccepts; i++)
-      if (rpcplugin_module_broker_advertise(H.mod, H.accepts[i].service_id,
-                                            H.accepts[i].network,
-                                            H.accepts[i].address) != 0)
-        say("multiplexing: --broker-accept %u: cannot add the route",
-            (unsigned)H.accepts[i].service_id);
   }
   if (H.log_level >= RPCPLUGIN_LOG_DEBUG)
     say("multiplexing: serving the client's connection (yamux)");

@@ -1,13 +1,18 @@
 /*
  * test_loader.c - the loader refuses broken modules before calling them,
  * with exact errors; a newer minor works; routes behave across instances
- * (the basis of a swap).
+ * (the basis of a swap); multiplexing's on_ready comes before the
+ * connection is read.
  *
  *   test_loader FIXTURE_DIR MODULE_DIR
  */
 #include <fcntl.h>
+#include <poll.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -304,6 +309,110 @@ static void test_routes(void) {
   end_runtime(); /* unloads b */
 }
 
+/* Multiplexing's on_ready: called once inside rpcplugin_runtime_multiplex,
+ * with the runtime multiplexing (routes and advertisements work) and
+ * before a byte of the connection is read; a caller's older, shorter
+ * struct (without on_ready) is accepted.  A yamux ping written before the
+ * call is answered only after it. */
+struct ready_probe {
+  int fd;       /* the runtime's end of the connection */
+  int calls;
+  int multiplexed;
+  int route_rc, advertise_rc;
+  int unread_at_start, unread_after_wait; /* FIONREAD */
+  rpcplugin_module *mod;
+};
+
+static void probe_ready(void *ud) {
+  struct ready_probe *p = ud;
+  struct pollfd pfd;
+  p->calls++;
+  p->multiplexed = rpcplugin_runtime_multiplexed(rt);
+  if (ioctl(p->fd, FIONREAD, &p->unread_at_start) != 0)
+    p->unread_at_start = -1;
+  p->route_rc = rpcplugin_runtime_mux_route(rt, 7, "unix", "/nonexistent");
+  p->advertise_rc =
+      rpcplugin_module_broker_advertise(p->mod, 8, "unix", "/nonexistent");
+  /* Were the I/O thread running, it would take the ping within this. */
+  pfd.fd = -1;
+  pfd.events = 0;
+  (void)poll(&pfd, 0, 100);
+  if (ioctl(p->fd, FIONREAD, &p->unread_after_wait) != 0)
+    p->unread_after_wait = -1;
+}
+
+static void test_mux_ready(void) {
+  static const unsigned char ping[12] = {0, 2, 0, 1, 0, 0, 0, 0,
+                                         0x12, 0x34, 0x56, 0x78};
+  rpcplugin_module *mod = NULL;
+  rpcplugin_error err;
+  rpcplugin_mux_options o;
+  struct ready_probe p;
+  char module[600], addr[700], main_path[600], dial_dir[600];
+  unsigned char ack[12];
+  size_t got = 0;
+  grpc_server_credentials *creds;
+  int sv[2], round;
+  for (round = 0; round < 2; round++) {
+    new_runtime();
+    snprintf(module, sizeof module, "%s/rpcplugin_services.so", moddir);
+    snprintf(main_path, sizeof main_path, "%s/main%d.sock", tmpdir, round);
+    snprintf(dial_dir, sizeof dial_dir, "%s/d%d", tmpdir, round);
+    CHECK_EQ_INT(mkdir(dial_dir, 0700), 0);
+    snprintf(addr, sizeof addr, "unix:%s", main_path);
+    creds = grpc_insecure_server_credentials_create();
+    CHECK(grpc_server_add_http2_port(server, addr, creds) > 0);
+    grpc_server_credentials_release(creds);
+    CHECK_EQ_INT(load(module, "[\"plugin.GRPCBroker\"]", NULL, &mod, &err),
+                 0);
+    grpc_server_start(server);
+    CHECK_EQ_INT(rpcplugin_runtime_start(rt, &err), 0);
+    CHECK_EQ_INT(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    CHECK_EQ_INT(write(sv[1], ping, sizeof ping), (long)sizeof ping);
+    memset(&p, 0, sizeof p);
+    p.fd = sv[0];
+    p.mod = mod;
+    memset(&o, 0, sizeof o);
+    /* Round 1: a caller built before on_ready existed. */
+    o.struct_size = round == 0 ? (uint32_t)sizeof o
+                               : (uint32_t)offsetof(rpcplugin_mux_options,
+                                                    on_ready);
+    o.fd = sv[0];
+    o.main_path = main_path;
+    o.dial_dir = dial_dir;
+    o.keepalive_ms = -1;
+    o.on_ready = probe_ready; /* beyond struct_size in round 1 */
+    o.ud = &p;
+    CHECK_EQ_INT(rpcplugin_runtime_multiplex(rt, &o, &err), 0);
+    if (round == 0) {
+      CHECK_EQ_INT(p.calls, 1);
+      CHECK_EQ_INT(p.multiplexed, 1);
+      CHECK_EQ_INT(p.route_rc, 0);
+      CHECK_EQ_INT(p.advertise_rc, 0);
+      CHECK_EQ_INT(p.unread_at_start, (int)sizeof ping);
+      CHECK_EQ_INT(p.unread_after_wait, (int)sizeof ping);
+    } else {
+      CHECK_EQ_INT(p.calls, 0);
+    }
+    /* Now the session runs: the ping is answered (ACK, same opaque). */
+    got = 0;
+    while (got < sizeof ack) {
+      struct pollfd pfd = {sv[1], POLLIN, 0};
+      ssize_t n;
+      if (poll(&pfd, 1, 5000) != 1) break;
+      n = read(sv[1], ack + got, sizeof ack - got);
+      if (n <= 0) break;
+      got += (size_t)n;
+    }
+    CHECK_EQ_INT(got, sizeof ack);
+    CHECK(got == sizeof ack && ack[1] == 2 && ack[3] == 2 &&
+          memcmp(ack + 8, ping + 8, 4) == 0);
+    end_runtime(); /* stops the session, unloads mod */
+    close(sv[1]);
+    rmdir(dial_dir);
+  }
+}
+
 int main(int argc, char **argv) {
   if (argc != 3) {
     fprintf(stderr, "usage: test_loader FIXTURE_DIR MODULE_DIR\n");
@@ -320,6 +429,7 @@ int main(int argc, char **argv) {
   test_trust();
   test_newer_minor();
   test_routes();
+  test_mux_ready();
   grpc_shutdown_blocking();
   {
     char cmd[700];

@@ -317,6 +317,13 @@ typedef struct rpcplugin_mux_options {
   /* Log lines (level RPCPLUGIN_LOG_*), any thread.  May be NULL. */
   void (*log)(void *ud, int level, const char *msg);
   void *ud;
+  /* Called once by rpcplugin_runtime_multiplex, on the calling thread,
+   * when the runtime multiplexes and before the first byte of the
+   * connection is read: add here the routes a client may knock for at
+   * once (rpcplugin_runtime_mux_route, rpcplugin_module_broker_advertise).
+   * A route added later races the client's first knock, which go-plugin
+   * answers "no listener for id N".  May be NULL. */
+  void (*on_ready)(void *ud);
 } rpcplugin_mux_options;
 
 typedef struct rpcplugin_mux_stats {
