@@ -20,6 +20,7 @@ from google.protobuf import empty_pb2
 
 from conftest import (BUILD, SLOW, health_check, manifest_path,
                       manifest_services, stream_stdio)
+from hostutil import wait_until
 from test_services import run_scenario, with_module
 import health_pb2
 
@@ -84,6 +85,16 @@ def lines_until(call, last):
     return got
 
 
+def cancel_last_stream(host, call):
+    """Cancel the only call open on host and wait until its module saw it
+    end.  Until then the stream is idle and takes the next line put (a
+    write the C core completes, to a client that is gone: lost), so the
+    scenario's stream that follows would wait for it in vain."""
+    call.cancel()
+    wait_until(lambda: host.stats()["calls_active"] == 0, 10,
+               "the module to see the cancelled stream end")
+
+
 def healthy(ch):
     r = health_check(ch)(health_pb2.HealthCheckRequest(), timeout=10 * SLOW)
     return r.status == health_pb2.HealthCheckResponse.SERVING
@@ -115,7 +126,7 @@ def test_swap_newer_host_older_module(make_host, tmp_path):
     c = open_stdio(ch)
     assert host.cmd("put 1 " + b"three\n".hex()) == "OK put"
     assert next(c).data == b"three\n"
-    c.cancel()
+    cancel_last_stream(host, c)
     run_scenario(host, manifest_services(DEFAULT))
 
 
@@ -145,7 +156,7 @@ def test_swap_older_host_current_modules(make_host, tmp_path):
     assert host.cmd("put 1 " + b"after\n".hex()) == "OK put"
     assert lines_until(b, b"after\n") == [b"q%d\n" % i for i in range(5)] + \
         [b"after\n"]
-    b.cancel()
+    cancel_last_stream(host, b)
     run_scenario(host, manifest_services(DEFAULT))
 
 
@@ -166,5 +177,5 @@ def test_swap_to_other_major_refused(make_host, tmp_path, program):
     assert healthy(ch)
     assert host.cmd("put 1 " + b"still\n".hex()) == "OK put"
     assert next(a).data == b"still\n"
-    a.cancel()
+    cancel_last_stream(host, a)
     run_scenario(host, manifest_services(DEFAULT))

@@ -196,19 +196,38 @@ def test_small_drop_queue_keeps_newest_lines(hosts, tmp_path):
     # client connects: the host hands put_line chunks of at most an eighth
     # of the queue, cut after a newline, so the queue keeps the newest
     # whole lines instead of dropping one chunk larger than itself.
+    #
+    # The client must connect only after the host put all of it: a stream
+    # that starts while puts still drop lines sees a gap (drop_oldest doing
+    # its job), not what this test is about.  The pipe is 1 MiB, so the
+    # child's write returns at once; the child waits until the pipe is
+    # empty (FIONREAD on its end), which means the host's one reader
+    # thread read it all, then writes the last line alone and waits for
+    # that to be read too: the reader takes it only after its puts of the
+    # 200 KiB returned.  Only that last line's own put may still be under
+    # way when the client connects.
     man = write_manifest(tmp_path, config={"stdio": {
         "queue_bytes": 65536, "overflow": "drop_oldest"}})
     done = tmp_path / "done"
-    script = ("import os\n"
-              "data = b''.join(b'%%099d\\n' %% i for i in range(2048))\n"
-              "os.write(1, data)\n"
+    script = ("import fcntl, os, struct, termios, time\n"
+              "def drained():\n"
+              "    for _ in range(10000):\n"
+              "        n = fcntl.ioctl(1, termios.FIONREAD, b'\\0' * 4)\n"
+              "        if struct.unpack('i', n)[0] == 0:\n"
+              "            return\n"
+              "        time.sleep(0.001)\n"
+              "    raise SystemExit('the host did not read the pipe')\n"
+              "os.write(1, b''.join(b'%%099d\\n' %% i for i in range(2048)))\n"
+              "drained()\n"
+              "os.write(1, b'%%099d\\n' %% 2048)\n"
+              "drained()\n"
               "open(%r, 'w').close()\n" % str(done))
     h = hosts(manifest=man, command=["/usr/bin/python3", "-c", script],
               options=["--no-exit-with-child"])
-    wait_until(done.exists, 10, "the child's output")
+    wait_until(done.exists, 20, "the child's output")
     ch = h.channel()
     out = Stdio(ch)
-    out.wait_contains(1, b"%099d\n" % 2047)
+    out.wait_contains(1, b"%099d\n" % 2048)
     data = bytes(out.data[1])
     assert 0 < len(data) <= 65536
     lines = data.split(b"\n")
@@ -216,6 +235,9 @@ def test_small_drop_queue_keeps_newest_lines(hosts, tmp_path):
     # Whole lines only, consecutive, ending with the last one.
     nums = [int(x) for x in lines[:-1]]
     assert all(len(x) == 99 for x in lines[:-1])
-    assert nums == list(range(nums[0], 2048))
+    assert nums == list(range(nums[0], 2049))
+    # The queue was full: the newest lines kept fill most of it (no chunk
+    # is larger than an eighth of it).
+    assert len(data) > 65536 - 65536 // 8
     h.shutdown(ch)
     assert h.wait() == 0
