@@ -131,15 +131,10 @@ void rp_call_unref(rp_call *c) {
   rp_callset *set;
   if (atomic_fetch_sub(&c->refs, 1) != 1) return;
   set = c->set;
-  pthread_mutex_lock(&set->mu);
-  if (c->prev)
-    c->prev->next = c->next;
-  else
-    set->calls = c->next;
-  if (c->next) c->next->prev = c->prev;
-  set->ncalls--;
-  if (set->ncalls == 0) pthread_cond_broadcast(&set->cv);
-  pthread_mutex_unlock(&set->mu);
+  /* Whatever touches the owner's memory (the service state's on_free, the
+   * host API table c->host points into) comes before the unlink: once the
+   * set is empty, whoever waits for it (a stop, a swap) may free the owner.
+   * The set's walks only look at c->call, which stays until after. */
   if (c->on_free) c->on_free(c);
   /* Buffers of ops that never started, or results nobody took. */
   if (c->send_buf) grpc_byte_buffer_destroy(c->send_buf);
@@ -152,6 +147,16 @@ void rp_call_unref(rp_call *c) {
     if (c->close_op.relay)
       c->host->relay_free(c->host->host_ctx, c->close_op.relay);
   }
+  pthread_mutex_lock(&set->mu);
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    set->calls = c->next;
+  if (c->next) c->next->prev = c->prev;
+  set->ncalls--;
+  if (set->ncalls == 0) pthread_cond_broadcast(&set->cv);
+  pthread_mutex_unlock(&set->mu);
+  /* Only c's own memory and gRPC's (the host keeps gRPC initialised). */
   if (c->call) grpc_call_unref(c->call);
   free(c);
 }

@@ -186,14 +186,15 @@ if has tsan; then
   stage "stdio queue under ThreadSanitizer"
   build "$ROOT/build-tsan" -DCMAKE_BUILD_TYPE=Debug -DRPCPLUGIN_TSAN=ON
   TSAN_OPTIONS=halt_on_error=1 build-tsan/tests/test_squeue
-  stage "integration under ThreadSanitizer: stdio, broker, services, application calls, live swaps, faults, multiplexing (suppressions: tests/tsan.supp)"
+  stage "integration under ThreadSanitizer: stdio, broker, services, application calls, live swaps, swaps across ABI versions, faults, multiplexing (suppressions: tests/tsan.supp)"
   # Every report of every process goes to a file of its own there (and
   # makes that process exit 66): any file is a failure.
   tsanlog=$(mktemp -d)
   TSAN_OPTIONS="suppressions=$ROOT/tests/tsan.supp exitcode=66 log_path=$tsanlog/report" \
   RP_SLOW=5 RP_SWAPS=30 RP_GO_SWAPS=10 pytest_run "$ROOT/build-tsan" \
     -m "not slow" test_stdio.py test_broker.py test_services.py \
-    test_app_calls.py test_swap.py test_faults.py test_mux.py test_mux_go.py || { cat "$tsanlog"/* 2>/dev/null; exit 1; }
+    test_app_calls.py test_swap.py test_abi_matrix.py test_faults.py \
+    test_mux.py test_mux_go.py || { cat "$tsanlog"/* 2>/dev/null; exit 1; }
   if [ -n "$(ls -A "$tsanlog")" ]; then cat "$tsanlog"/*; exit 1; fi
   rm -rf "$tsanlog"
 fi
