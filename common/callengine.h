@@ -61,6 +61,8 @@ typedef struct rp_op {
   rp_call_cb cb;
   atomic_int busy;
   rpcplugin_relay *relay; /* the host's tag for this slot, or NULL */
+  int handed_in; /* a batch that came over in a handover: its callback is
+                    the one rp_call_resume gives */
 } rp_op;
 
 struct rp_call {
@@ -122,7 +124,10 @@ int rp_call_export(rp_call *c, rp_call_handoff *out);
  * the call, as a batch started here would).
  * Nothing runs until rp_call_resume attaches the relays with the
  * callbacks for the pending send, receive and close batches (a completion
- * that came meanwhile is delivered then, on the calling thread). */
+ * that came meanwhile is delivered then, on the calling thread).  A batch
+ * the service starts in between (a producer's write to a stream it just
+ * listed) keeps its own callback; its completion too waits for the
+ * resume. */
 rp_call *rp_call_import(rp_callset *set, RP_CALL_OWNER *owner,
                         const rpcplugin_host_api *host,
                         const rpcplugin_handover_stream *hs,
