@@ -284,7 +284,8 @@ void rp_call_resume(rp_call *c, rp_call_cb send_cb, rp_call_cb recv_cb,
   /* Only the batches that came over: one the service started since the
    * import has its own callback (replacing it lost the completion of a
    * stdio write a put started on a stream just handed in; the stream then
-   * never wrote again: test_swaps_under_traffic, 1 run in 15 under ASan). */
+   * never wrote again: test_swaps_under_traffic, about 1 run in 17 under
+   * ASan). */
   for (i = 0; i < 3; i++)
     if (ops[i]->handed_in) {
       ops[i]->cb = cbs[i];

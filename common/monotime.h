@@ -1,5 +1,5 @@
 /*
- * monotime.h - deadlines on CLOCK_MONOTONIC for pthread timed waits,
+ * monotime.h - CLOCK_MONOTONIC milliseconds and deadlines for pthread timed waits,
  * shared by the module and the host (wall-clock changes never shorten or
  * stretch a wait).
  */
@@ -7,7 +7,15 @@
 #define RPCPLUGIN_MONOTIME_H
 
 #include <pthread.h>
+#include <stdint.h>
 #include <time.h>
+
+/* Milliseconds on CLOCK_MONOTONIC (for elapsed times and deadlines). */
+static inline int64_t rp_mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 /* *ts = now + ms on CLOCK_MONOTONIC. */
 static inline void rp_deadline_after_ms(struct timespec *ts, long ms) {

@@ -25,6 +25,7 @@
  */
 #define _GNU_SOURCE
 #include "mux.h"
+#include "monotime.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -140,12 +141,6 @@ struct rp_mux {
   int flush_until_ms_set;
   int64_t flush_until_ms;
 };
-
-static int64_t mono_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static void mux_log(rp_mux *m, int level, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
@@ -525,7 +520,7 @@ static void run_commands(rp_mux *m) {
       case CMD_STOP:
         if (!m->flush_until_ms_set) {
           m->flush_until_ms_set = 1;
-          m->flush_until_ms = mono_ms() + c->id;
+          m->flush_until_ms = rp_mono_ms() + c->id;
         }
         free(c);
         break;
@@ -618,7 +613,7 @@ static void *io_main(void *arg) {
     if (flush_out(m) != 0 && why == NULL) why = "write to the connection failed";
     if (why) break;
 
-    now = mono_ms();
+    now = rp_mono_ms();
     pthread_mutex_lock(&m->mu);
     stopping = m->stopping;
     pthread_mutex_unlock(&m->mu);
@@ -923,7 +918,7 @@ int rp_mux_start(const rpcplugin_mux_options *o, rp_mux_knock_fn knock,
 }
 
 int rp_mux_run(rp_mux *m, rpcplugin_error *err) {
-  m->next_ping_ms = mono_ms() + m->o.keepalive_ms;
+  m->next_ping_ms = rp_mono_ms() + m->o.keepalive_ms;
   if (pthread_create(&m->io_thread, NULL, io_main, m) != 0) {
     set_end(m, "cannot start a thread");
     return rp_error(err, RPCPLUGIN_ENOMEM, "multiplex: cannot start a thread");

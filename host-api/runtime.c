@@ -702,15 +702,13 @@ static int rt_mux_knock(void *ud, uint32_t id, char *err, size_t errlen) {
    * broker has no event for "a stream opened" that the host can wait
    * on). */
   {
-    struct timespec t0, now, pause = {0, 5 * 1000 * 1000};
+    const struct timespec pause = {0, 5 * 1000 * 1000};
+    int64_t until = rp_mono_ms() + 5000;
     int rc, left = 5000;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
     for (;;) {
       rc = rpcplugin_module_broker_knock(bm, id, "", "", left, err, errlen);
       if (rc != RPCPLUGIN_ENOTFOUND) return rc;
-      clock_gettime(CLOCK_MONOTONIC, &now);
-      left = 5000 - (int)((now.tv_sec - t0.tv_sec) * 1000 +
-                          (now.tv_nsec - t0.tv_nsec) / 1000000);
+      left = (int)(until - rp_mono_ms());
       if (left <= 0) return rc;
       nanosleep(&pause, NULL);
     }

@@ -72,12 +72,6 @@ struct host_pipes {
   host_pipes_stats st;
 };
 
-static int64_t now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* One chunk to the sink. */
 static void put_chunk(host_pipes *p, int channel, const uint8_t *data,
                       size_t n) {
@@ -132,7 +126,7 @@ static int read_chan(host_pipes *p, chan *c) {
   while (n < 0 && errno == EINTR);
   if (n > 0) {
     c->len += (size_t)n;
-    c->last_ms = now_ms();
+    c->last_ms = rp_mono_ms();
     pthread_mutex_lock(&p->mu);
     p->st.bytes_read += (uint64_t)n;
     pthread_mutex_unlock(&p->mu);
@@ -148,7 +142,7 @@ static void drain(host_pipes *p, int64_t deadline) {
   for (i = 0; i < 2; i++)
     if (!p->c[i].eof)
       fcntl(p->c[i].rfd, F_SETFL, fcntl(p->c[i].rfd, F_GETFL) | O_NONBLOCK);
-  while (more && !p->shut && now_ms() < deadline) {
+  while (more && !p->shut && rp_mono_ms() < deadline) {
     more = 0;
     for (i = 0; i < 2; i++)
       if (read_chan(p, &p->c[i])) {
@@ -165,7 +159,7 @@ static void *reader_main(void *arg) {
   for (;;) {
     struct pollfd fds[3];
     int nfds = 0, idx[2] = {-1, -1}, i, timeout = -1;
-    int64_t now = now_ms();
+    int64_t now = rp_mono_ms();
     int stop;
 
     pthread_mutex_lock(&p->mu);
@@ -287,7 +281,7 @@ void host_pipes_stop(host_pipes *p, long drain_ms) {
   pthread_mutex_lock(&p->mu);
   if (!p->stop) {
     p->stop = 1;
-    p->deadline_ms = now_ms() + drain_ms;
+    p->deadline_ms = rp_mono_ms() + drain_ms;
   }
   pthread_mutex_unlock(&p->mu);
   (void)!write(p->wake_fd, &one, sizeof one);

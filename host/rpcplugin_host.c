@@ -88,6 +88,7 @@
 #include <rpcplugin/host.h>
 
 #include "host_tool.h"
+#include "monotime.h"
 
 #define PROG "rpcplugin-host"
 #define MAX_VERSIONS 32
@@ -1049,12 +1050,6 @@ static void release_stdio(void) {
 
 /* ------------------------------------------------------------- child */
 
-static int64_t now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 static void report_child(void) {
   int st = H.child_status;
   if (WIFEXITED(st))
@@ -1142,7 +1137,7 @@ static int wait_group(int64_t deadline) {
   while (group_alive()) {
     struct pollfd pfd = {H.sig_fd, POLLIN, 0};
     struct signalfd_siginfo si;
-    int64_t left = deadline - now_ms();
+    int64_t left = deadline - rp_mono_ms();
     if (left <= 0) return 0;
     /* SIGCHLD wakes us; the cap catches group members that are not our
      * children. */
@@ -1157,12 +1152,12 @@ static void terminate_group(void) {
   if (!group_alive()) return;
   kill(-H.child, SIGTERM);
   kill(-H.child, SIGCONT);
-  if (wait_group(now_ms() + H.kill_grace_ms)) return;
+  if (wait_group(rp_mono_ms() + H.kill_grace_ms)) return;
   say("child process group %d still running %ld ms after SIGTERM: sending "
       "SIGKILL",
       (int)H.child, H.kill_grace_ms);
   kill(-H.child, SIGKILL);
-  if (!wait_group(now_ms() + KILL_WAIT_MS))
+  if (!wait_group(rp_mono_ms() + KILL_WAIT_MS))
     say("child process group %d did not end after SIGKILL", (int)H.child);
 }
 
@@ -1217,7 +1212,7 @@ static void refuse(int fd) {
  * client's stdio stream too. */
 static void report_refusals(int force) {
   unsigned long r = atomic_load(&L.refused);
-  int64_t now = now_ms();
+  int64_t now = rp_mono_ms();
   if (r == L.refused_reported) return;
   if (!force && L.last_report_ms && now - L.last_report_ms < 10000) return;
   say("refused %lu connection%s over --max-connections %ld (%lu so far)",
@@ -1344,10 +1339,10 @@ static void *acceptor_main(void *arg) {
         continue;
       /* EMFILE, ENFILE, ENOBUFS, ENOMEM: wait, and accept it then. */
       atomic_fetch_add(&L.accept_errors, 1);
-      if (now_ms() - last_error_ms >= 10000) {
+      if (rp_mono_ms() - last_error_ms >= 10000) {
         say("connections: accept: %s (trying again every 100 ms)",
             strerror(e));
-        last_error_ms = now_ms();
+        last_error_ms = rp_mono_ms();
       }
       backoff = 1;
       continue;
@@ -1593,7 +1588,7 @@ static int serve_until_flushed(int64_t exit_ms, long flush_deadline_ms) {
     if (rpcplugin_module_get_stats(H.mod, &st) != 0 ||
         st.stdio_queue_bytes == 0)
       return R_CHILD;
-    left = deadline - now_ms();
+    left = deadline - rp_mono_ms();
     if (left <= 0) {
       if (H.log_level >= RPCPLUGIN_LOG_INFO)
         say("child exited %ld ms ago and %llu bytes of its output are still "
@@ -1974,7 +1969,7 @@ int main(int argc, char **argv) {
   else
     reason = main_loop();
   if (reason == R_CHILD && !H.fallback) {
-    int64_t exit_ms = now_ms();
+    int64_t exit_ms = rp_mono_ms();
     long flush_ms = (long)stdio_setting(manifest, "flush_deadline_ms", 1000);
     /* The rest of the child's process group goes first: what it wrote is
      * then all in the pipes. */
